@@ -1,0 +1,1 @@
+"""Task packages built on the kdkit core."""
