@@ -1,0 +1,49 @@
+"""The similarity maps of SPKD, materialised exactly as defined.
+
+A feature map is ``B×C×S…`` (``S…`` any spatial dims, ``N`` their product). Half-precision
+inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-7  # added to every L2 norm of the spatial and channel normalisations
+
+
+def _flat(f: torch.Tensor) -> torch.Tensor:
+    """``B×C×S…`` → ``B×C×N`` in at least float32."""
+    f = f.flatten(2)
+    return f.float() if f.dtype in (torch.float16, torch.bfloat16) else f
+
+
+def normalize_positions(f: torch.Tensor) -> torch.Tensor:
+    """``B×C×S…`` → ``B×C×N``: each position's C-vector divided by ``(‖·‖₂ + 1e-7)``."""
+    f = _flat(f)
+    return f / (f.norm(dim=1, keepdim=True) + EPS)
+
+
+def normalize_channels(f: torch.Tensor) -> torch.Tensor:
+    """``B×C×S…`` → ``B×C×N``: each channel's N-vector divided by ``(‖·‖₂ + 1e-7)``."""
+    f = _flat(f)
+    return f / (f.norm(dim=2, keepdim=True) + EPS)
+
+
+def batch_similarity_map(f: torch.Tensor) -> torch.Tensor:
+    """``B×…`` → ``B×B``: ``G = Q Qᵀ`` with ``Q = f.view(B, -1)``, rows L2-normalised."""
+    q = f.flatten(1)
+    q = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
+    return F.normalize(q @ q.t(), dim=1)
+
+
+def spatial_similarity_map(f: torch.Tensor) -> torch.Tensor:
+    """``B×C×S…`` → ``B×N×N``: cosine similarity between every pair of positions."""
+    fn = normalize_positions(f)
+    return fn.transpose(1, 2) @ fn
+
+
+def channel_similarity_map(f: torch.Tensor) -> torch.Tensor:
+    """``B×C×S…`` → ``B×C×C``: cosine similarity between every pair of channels."""
+    fn = normalize_channels(f)
+    return fn @ fn.transpose(1, 2)

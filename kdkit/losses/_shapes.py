@@ -1,0 +1,29 @@
+"""Shape checks shared by the losses: each failure says what must agree, what was
+found, and how to fix it."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _dims(t: torch.Tensor) -> str:
+    return "×".join(str(d) for d in t.shape)
+
+
+def require_min_dims(loss: str, t: torch.Tensor, role: str, ndim: int, layout: str) -> None:
+    """``t`` must have at least ``ndim`` dimensions (``layout`` names them, e.g. 'B×C×H×W')."""
+    if t.dim() < ndim:
+        raise ValueError(f"{loss}: the {role} must be {layout}; found shape {_dims(t)}")
+
+
+def require_match(
+    loss: str, what: str, student: torch.Tensor, teacher: torch.Tensor, dims: slice | int, fix: str
+) -> None:
+    """``student.shape[dims]`` must equal ``teacher.shape[dims]``."""
+    s = student.shape[dims]
+    t = teacher.shape[dims]
+    if s != t:
+        raise ValueError(
+            f"{loss}: student and teacher must have the same {what}; found student "
+            f"{_dims(student)} and teacher {_dims(teacher)}. {fix}"
+        )
