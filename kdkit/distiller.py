@@ -1,0 +1,224 @@
+"""Distiller: a frozen teacher, a student, and weighted distillation terms.
+
+    terms = [
+        DistillTerm("spatial_similarity", student="layer2", teacher="layer2"),
+        DistillTerm("channel_similarity", student="layer2", teacher="layer2", adapter="conv1x1"),
+        DistillTerm("hinton", student="output", teacher="output", args={"temperature": 4}),
+    ]
+    distiller = Distiller(teacher, student, terms, example_inputs=x[:2])
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.1)
+    out = distiller(x)
+    (task_loss(out.student_output, y) + out.losses["total"]).backward()
+
+Features are taken by module name with forward hooks (:mod:`kdkit.capture`), so both
+models run unchanged. ``"output"`` refers to a model's own output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from kdkit.adapters import build_adapter
+from kdkit.capture import FeatureRecorder, FeatureRef, UnknownModuleError, resolve_module
+from kdkit.losses import build_loss
+
+__all__ = ["DistillTerm", "Distiller", "DistillerOutput", "OUTPUT"]
+
+OUTPUT = "output"  # a feature reference meaning the model's own output
+
+
+@dataclass
+class DistillTerm:
+    """One weighted distillation loss between student and teacher features.
+
+    Attributes:
+        loss: a registered loss name (:data:`kdkit.losses.LOSSES`) or a loss module.
+        student: module name(s) of the student features (``"output"``: the model output;
+            ``"name[k]"``: the k-th call of a module that runs several times).
+        teacher: the matching teacher module name(s).
+        adapter: an adapter kind (:mod:`kdkit.adapters`) applied to each student feature.
+        weight: multiplies the loss.
+        args: keyword arguments for the registered loss.
+        name: the key in the loss dict; by default ``"<loss>:<student>"``.
+        clone: copy the recorded features (needed when an in-place op follows the module).
+    """
+
+    loss: str | nn.Module
+    student: str | list[str]
+    teacher: str | list[str]
+    adapter: str | None = None
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    clone: bool = False
+
+    def refs(self, role: str) -> list[str]:
+        """The feature references on the ``"student"`` or ``"teacher"`` side."""
+        refs = self.student if role == "student" else self.teacher
+        return [refs] if isinstance(refs, str) else list(refs)
+
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        loss = self.loss if isinstance(self.loss, str) else type(self.loss).__name__
+        return f"{loss}:{'+'.join(self.refs('student'))}"
+
+
+class DistillerOutput(NamedTuple):
+    """``student_output``: the student's output; ``losses``: each term's weighted loss by
+    name plus their ``"total"``; ``teacher_output``: the teacher's output (no grad)."""
+
+    student_output: Any
+    losses: dict[str, torch.Tensor]
+    teacher_output: Any
+
+
+class Distiller(nn.Module):
+    """Runs teacher and student on the same inputs and computes the weighted terms.
+
+    The teacher stays in eval mode with gradients off, so its BatchNorm statistics never
+    change. Module names are resolved at construction (unknown names raise, listing close
+    matches). With ``example_inputs`` the adapters are sized and every term's feature
+    shapes are checked at construction; without, adapters must be unneeded and shapes are
+    checked by the first forward. Adapters live in :attr:`adapters`: one ``ModuleList``
+    per term, in term order (empty where a term has none); :meth:`adapters_of` finds them
+    by term name.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        terms: Sequence[DistillTerm],
+        example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        if not terms:
+            raise ValueError("a Distiller needs at least one DistillTerm")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
+        self.terms = list(terms)
+        self.term_names = [t.display_name() for t in self.terms]
+        duplicates = {n for n in self.term_names if self.term_names.count(n) > 1}
+        if duplicates:
+            raise ValueError(f"term names must be unique; repeated: {', '.join(duplicates)}")
+        self.losses = nn.ModuleList(
+            t.loss if isinstance(t.loss, nn.Module) else build_loss(t.loss, **t.args)
+            for t in self.terms
+        )
+        self._teacher_recorder = self._recorder(teacher, "teacher")
+        self._student_recorder = self._recorder(student, "student")
+        for term, loss in zip(self.terms, self.losses):
+            if hasattr(loss, "bind_teacher"):
+                refs = [FeatureRef.parse(r).name for r in term.refs("teacher")]
+                loss.bind_teacher([resolve_module(teacher, r, "teacher") for r in refs])
+        self.adapters = nn.ModuleList(nn.ModuleList() for _ in self.terms)
+        if example_inputs is not None:
+            self._build_adapters_and_check(example_inputs)
+        elif any(t.adapter for t in self.terms):
+            raise ValueError(
+                "adapters are sized from the features: pass example_inputs (a small batch "
+                "of real inputs) to Distiller(...)"
+            )
+
+    def adapters_of(self, term_name: str) -> nn.ModuleList:
+        """The adapters of the term called ``term_name`` (one per student feature)."""
+        if term_name not in self.term_names:
+            raise KeyError(f"no term named {term_name!r}; terms: {', '.join(self.term_names)}")
+        return self.adapters[self.term_names.index(term_name)]
+
+    def _recorder(self, model: nn.Module, role: str) -> FeatureRecorder:
+        """A recorder of every module that ``role``'s side of the terms names."""
+        names, cloned = [], []
+        for term, term_name in zip(self.terms, self.term_names):
+            for ref in term.refs(role):
+                if ref == OUTPUT:
+                    continue
+                try:
+                    resolve_module(model, FeatureRef.parse(ref).name, role)
+                except UnknownModuleError as error:
+                    raise UnknownModuleError(f"term {term_name!r}: {error}") from None
+                names.append(ref)
+                if term.clone:
+                    cloned.append(ref)
+        recorder = FeatureRecorder(names, detach=role == "teacher", clone=cloned)
+        return recorder.initialize(model, role)
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student, adapter and loss parameters that require grad (not the teacher's)."""
+        modules = (self.student, self.adapters, self.losses)
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    def _run(self, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        with torch.no_grad(), self._teacher_recorder:
+            teacher_output = self.teacher(*args, **kwargs)
+        with self._student_recorder:
+            student_output = self.student(*args, **kwargs)
+        return student_output, teacher_output
+
+    def _features(self, refs: list[str], recorder: FeatureRecorder, output: Any) -> list:
+        return [output if ref == OUTPUT else recorder[ref] for ref in refs]
+
+    def _term_features(self, index: int, student_output: Any, teacher_output: Any):
+        term = self.terms[index]
+        student = self._features(term.refs("student"), self._student_recorder, student_output)
+        teacher = self._features(term.refs("teacher"), self._teacher_recorder, teacher_output)
+        if len(student) != len(teacher):
+            raise ValueError(
+                f"term {self.term_names[index]!r}: {len(student)} student feature(s) but "
+                f"{len(teacher)} teacher feature(s); list matching layers on both sides"
+            )
+        return student, teacher
+
+    def _term_loss(self, index: int, student: list, teacher: list) -> torch.Tensor:
+        name = self.term_names[index]
+        if len(self.adapters[index]):
+            student = [adapter(f) for adapter, f in zip(self.adapters[index], student)]
+        loss = self.losses[index]
+        many = getattr(loss, "takes_lists", False)
+        try:
+            return loss(student, teacher) if many else loss(student[0], teacher[0])
+        except ValueError as error:
+            raise ValueError(f"term {name!r}: {error}") from None
+
+    def _build_adapters_and_check(self, example_inputs) -> None:
+        args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (
+            example_inputs,
+        )
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                student_output, teacher_output = self._run(args, {})
+                for i, term in enumerate(self.terms):
+                    student, teacher = self._term_features(i, student_output, teacher_output)
+                    if term.adapter:
+                        self.adapters[i].extend(
+                            build_adapter(term.adapter, s.shape[1], t.shape[1]).to(
+                                s.device, s.dtype
+                            )
+                            for s, t in zip(student, teacher)
+                        )
+                    self._term_loss(i, student, teacher)
+        finally:
+            self.student.train(was_training)
+
+    def forward(self, *args, **kwargs) -> DistillerOutput:
+        """Run both models on the same inputs; returns a :class:`DistillerOutput`."""
+        student_output, teacher_output = self._run(args, kwargs)
+        losses: dict[str, torch.Tensor] = {}
+        for i, (term, name) in enumerate(zip(self.terms, self.term_names)):
+            student, teacher = self._term_features(i, student_output, teacher_output)
+            losses[name] = term.weight * self._term_loss(i, student, teacher)
+        losses["total"] = sum(losses.values())
+        return DistillerOutput(student_output, losses, teacher_output)
