@@ -35,6 +35,7 @@ def _cases():
         "batch_similarity": lambda: L.batch_similarity_loss(s, t),
         "spatial_similarity": lambda: L.spatial_similarity_loss(s, t),
         "channel_similarity": lambda: L.channel_similarity_loss(s, s6),
+        "spatial_channel_similarity": lambda: L.spatial_channel_similarity_loss(s, s6),
         "attention_transfer_p2": lambda: L.attention_transfer_loss(s, t),
         "attention_transfer_p4": lambda: L.attention_transfer_loss(s, t, p=4),
         "fsp": lambda: L.fsp_loss([s, s_half], [s6, t_half]),

@@ -9,6 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = [
+    "batch_similarity_map",
+    "spatial_similarity_map",
+    "channel_similarity_map",
+    "batch_similarity",
+    "spatial_similarity",
+    "channel_similarity",
+]
+
 EPS = 1e-7  # added to every L2 norm of the spatial and channel normalisations
 
 
@@ -47,3 +56,18 @@ def channel_similarity_map(f: torch.Tensor) -> torch.Tensor:
     """``B×C×S…`` → ``B×C×C``: cosine similarity between every pair of channels."""
     fn = normalize_channels(f)
     return fn @ fn.transpose(1, 2)
+
+
+def batch_similarity(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE between the materialised ``B×B`` batch maps."""
+    return F.mse_loss(batch_similarity_map(student), batch_similarity_map(teacher.detach()))
+
+
+def spatial_similarity(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE between the materialised ``B×N×N`` spatial maps."""
+    return F.mse_loss(spatial_similarity_map(student), spatial_similarity_map(teacher.detach()))
+
+
+def channel_similarity(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE between the materialised ``B×C×C`` channel maps."""
+    return F.mse_loss(channel_similarity_map(student), channel_similarity_map(teacher.detach()))

@@ -14,9 +14,11 @@ from kdkit.losses.ofd import OFDLoss, ofd_layer_weights, ofd_loss, ofd_margin
 from kdkit.losses.similarity import (
     BatchSimilarityLoss,
     ChannelSimilarityLoss,
+    SpatialChannelSimilarityLoss,
     SpatialSimilarityLoss,
     batch_similarity_loss,
     channel_similarity_loss,
+    spatial_channel_similarity_loss,
     spatial_similarity_loss,
 )
 
@@ -35,6 +37,7 @@ __all__ = [
     "ofd_loss",
     "ofd_margin",
     "spatial_similarity_loss",
+    "spatial_channel_similarity_loss",
     "AttentionTransferLoss",
     "BatchSimilarityLoss",
     "ChannelSimilarityLoss",
@@ -42,6 +45,7 @@ __all__ = [
     "HintonKDLoss",
     "OFDLoss",
     "SpatialSimilarityLoss",
+    "SpatialChannelSimilarityLoss",
 ]
 
 LOSSES: dict[str, type[nn.Module]] = {
@@ -52,6 +56,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "batch_similarity": BatchSimilarityLoss,
     "spatial_similarity": SpatialSimilarityLoss,
     "channel_similarity": ChannelSimilarityLoss,
+    "spatial_channel_similarity": SpatialChannelSimilarityLoss,
 }
 
 

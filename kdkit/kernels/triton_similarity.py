@@ -1,0 +1,391 @@
+"""Fused Triton kernels for the SPKD Gram matrices, forward and backward.
+
+Everything reduces to one differentiable operation, :func:`stacked_gram`: for features
+``S`` (``B×Cs×N``, the student, with gradient) and optionally ``T`` (``B×Ct×N``, the teacher,
+none), the Gram ``G = H Hᵀ`` of the stacked ``H = [T; S]`` (``B×R×R``, ``R = Ct + Cs``),
+of the raw features and/or of the position-normalised ones (each position's stacked
+channel vector of T and of S divided by its own ``‖·‖₂ + 1e-7``). The losses then work on
+these ``C×C`` blocks in PyTorch (:mod:`kdkit.kernels.factored` for the algebra).
+
+Kernels (each one program per tile; every offset in int64; every load masked; inputs
+upcast to float32 right after loading, so bf16/fp16 work in the interpreter too):
+
+    _inverse_norms   B×C×N → B×N: 1 / (‖f[:, n]‖₂ + ε), one read of the features
+    _gram            upper-triangular R×R blocks of H Hᵀ over a slice of positions; the
+                     normalised and raw Grams share the loads (the fused spatial+channel
+                     loss reads each feature map once); split over N, partials summed after
+    _gram_grad       g = W Ĥ for the student rows: the Gram's backward, (dG + dGᵀ) Ĥ
+    _normalise_grad  back through the position normalisation, plus the raw-Gram gradient
+
+``accumulate="fp64"`` makes ``_gram`` and ``_gram_grad`` multiply and accumulate in float64
+(exact products of the float32 values), which keeps the loss accurate when the student is
+near the teacher; ``"fp32"`` uses IEEE float32 (never TF32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kdkit.kernels.factored import accumulation_dtype, channel_map_from_gram
+from kdkit.kernels.reference import EPS
+
+__all__ = [
+    "stacked_gram",
+    "batch_similarity",
+    "spatial_similarity",
+    "channel_similarity",
+    "spatial_channel_similarity",
+]
+
+
+def _block(size: int, cap: int) -> int:
+    """A power-of-two tile edge ≥ 16 (tl.dot's minimum on the GPU), ≤ ``cap``."""
+    return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
+
+
+@triton.jit
+def _inverse_norms(
+    x_ptr, out_ptr, C, N, stride_b, stride_c, stride_n, eps,
+    ACC64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[b, n] = 1 / (‖x[b, :, n]‖₂ + eps); grid (B, cdiv(N, BLOCK_N))."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc_type = tl.float64 if ACC64 else tl.float32
+    total = tl.zeros([BLOCK_N], dtype=acc_type)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        ptrs = x_ptr + b * stride_b + offs_c[:, None] * stride_c + offs_n[None, :] * stride_n
+        mask = (offs_c[:, None] < C) & mask_n[None, :]
+        x = tl.load(ptrs, mask=mask, other=0.0).to(acc_type)
+        total += tl.sum(x * x, axis=0)
+    inverse = 1.0 / (tl.sqrt(total) + eps)
+    tl.store(out_ptr + b * N + offs_n, inverse, mask=mask_n)
+
+
+@triton.jit
+def _load_stacked(
+    t_ptr, s_ptr, rt_ptr, rs_ptr, b, offs_r, offs_n, Ct, R, N,
+    t_sb, t_sc, t_sn, s_sb, s_sc, s_sn, acc_type: tl.constexpr, NORMALISE: tl.constexpr,
+):
+    """Rows ``offs_r`` × positions ``offs_n`` of H = [T; S] (raw) and of Ĥ (normalised)."""
+    in_n = offs_n[None, :] < N
+    is_t = offs_r[:, None] < Ct
+    is_s = (offs_r[:, None] >= Ct) & (offs_r[:, None] < R)
+    t_rows = tl.where(is_t, offs_r[:, None], 0)
+    s_rows = tl.where(is_s, offs_r[:, None] - Ct, 0)
+    t_val = tl.load(t_ptr + b * t_sb + t_rows * t_sc + offs_n[None, :] * t_sn,
+                    mask=is_t & in_n, other=0.0).to(acc_type)
+    s_val = tl.load(s_ptr + b * s_sb + s_rows * s_sc + offs_n[None, :] * s_sn,
+                    mask=is_s & in_n, other=0.0).to(acc_type)
+    raw = t_val + s_val
+    if NORMALISE:
+        mask_n = offs_n < N
+        rt = tl.load(rt_ptr + b * N + offs_n, mask=mask_n, other=0.0).to(acc_type)
+        rs = tl.load(rs_ptr + b * N + offs_n, mask=mask_n, other=0.0).to(acc_type)
+        scaled = raw * tl.where(is_t, rt[None, :], rs[None, :])
+    else:
+        scaled = raw
+    return raw, scaled
+
+
+@triton.jit
+def _gram(
+    t_ptr, s_ptr, rt_ptr, rs_ptr, gn_ptr, gr_ptr,
+    Ct, R, N, positions_per_split, num_blocks,
+    t_sb, t_sc, t_sn, s_sb, s_sc, s_sn,
+    NORMALISE: tl.constexpr, RAW: tl.constexpr, ACC64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Partial Grams over one slice of positions: grid (B, num_blocks², splits); blocks
+    below the diagonal return at once. Writes gn/gr[split, b, R, R] (normalised / raw)."""
+    b = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    split = tl.program_id(2).to(tl.int64)
+    bi = block // num_blocks
+    bj = block % num_blocks
+    if bi > bj:
+        return
+    acc_type = tl.float64 if ACC64 else tl.float32
+    offs_i = bi.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_j = bj.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc_n = tl.zeros([BLOCK_R, BLOCK_R], dtype=acc_type)
+    acc_r = tl.zeros([BLOCK_R, BLOCK_R], dtype=acc_type)
+    start = split * positions_per_split
+    for n0 in range(0, positions_per_split, BLOCK_N):
+        offs_n = start + n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        offs_n = tl.where(offs_n < start + positions_per_split, offs_n, N)  # mask: past N
+        raw_i, scaled_i = _load_stacked(t_ptr, s_ptr, rt_ptr, rs_ptr, b, offs_i, offs_n, Ct,
+                                        R, N, t_sb, t_sc, t_sn, s_sb, s_sc, s_sn, acc_type,
+                                        NORMALISE)
+        raw_j, scaled_j = _load_stacked(t_ptr, s_ptr, rt_ptr, rs_ptr, b, offs_j, offs_n, Ct,
+                                        R, N, t_sb, t_sc, t_sn, s_sb, s_sc, s_sn, acc_type,
+                                        NORMALISE)
+        if NORMALISE:
+            acc_n += tl.dot(scaled_i, tl.trans(scaled_j), input_precision="ieee",
+                            out_dtype=acc_type)
+        if RAW:
+            acc_r += tl.dot(raw_i, tl.trans(raw_j), input_precision="ieee", out_dtype=acc_type)
+    out = ((split * tl.num_programs(0) + b) * R + offs_i[:, None]) * R + offs_j[None, :]
+    mask = (offs_i[:, None] < R) & (offs_j[None, :] < R)
+    if NORMALISE:
+        tl.store(gn_ptr + out, acc_n, mask=mask)
+    if RAW:
+        tl.store(gr_ptr + out, acc_r, mask=mask)
+
+
+@triton.jit
+def _gram_grad(
+    t_ptr, s_ptr, rt_ptr, rs_ptr, wn_ptr, wr_ptr, gn_ptr, gr_ptr,
+    Ct, Cs, R, N,
+    t_sb, t_sc, t_sn, s_sb, s_sc, s_sn,
+    NORMALISE: tl.constexpr, RAW: tl.constexpr, ACC64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """g[b, c, n] = Σ_r W[b, c, r] Ĥ[b, r, n] for the student rows c; grid
+    (B, cdiv(Cs, BLOCK_C), cdiv(N, BLOCK_N)). W is ``B×Cs×R`` contiguous, g ``B×Cs×N``."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_n = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc_type = tl.float64 if ACC64 else tl.float32
+    acc_n = tl.zeros([BLOCK_C, BLOCK_N], dtype=acc_type)
+    acc_r = tl.zeros([BLOCK_C, BLOCK_N], dtype=acc_type)
+    for k0 in range(0, R, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        raw, scaled = _load_stacked(t_ptr, s_ptr, rt_ptr, rs_ptr, b, offs_k, offs_n, Ct, R, N,
+                                    t_sb, t_sc, t_sn, s_sb, s_sc, s_sn, acc_type, NORMALISE)
+        w_offs = (b * Cs + offs_c[:, None]) * R + offs_k[None, :]
+        w_mask = (offs_c[:, None] < Cs) & (offs_k[None, :] < R)
+        if NORMALISE:
+            w = tl.load(wn_ptr + w_offs, mask=w_mask, other=0.0).to(acc_type)
+            acc_n += tl.dot(w, scaled, input_precision="ieee", out_dtype=acc_type)
+        if RAW:
+            w = tl.load(wr_ptr + w_offs, mask=w_mask, other=0.0).to(acc_type)
+            acc_r += tl.dot(w, raw, input_precision="ieee", out_dtype=acc_type)
+    out = (b * Cs + offs_c[:, None]) * N + offs_n[None, :]
+    mask = (offs_c[:, None] < Cs) & (offs_n[None, :] < N)
+    if NORMALISE:
+        tl.store(gn_ptr + out, acc_n, mask=mask)
+    if RAW:
+        tl.store(gr_ptr + out, acc_r, mask=mask)
+
+
+@triton.jit
+def _normalise_grad(
+    s_ptr, rs_ptr, gn_ptr, gr_ptr, out_ptr, Cs, N, s_sb, s_sc, s_sn, eps,
+    NORMALISE: tl.constexpr, RAW: tl.constexpr, ACC64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """∂L/∂f = g/d − f̂ (f̂ᵀg)/‖f‖ (d = ‖f‖ + eps, f̂ = f/d) per position, plus the raw
+    gradient; grid (B, cdiv(N, BLOCK_N)). Output ``B×Cs×N`` contiguous."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc_type = tl.float64 if ACC64 else tl.float32
+    if NORMALISE:
+        inverse = tl.load(rs_ptr + b * N + offs_n, mask=mask_n, other=1.0).to(acc_type)
+        norm = 1.0 / inverse - eps
+        dot = tl.zeros([BLOCK_N], dtype=acc_type)
+        for c0 in range(0, Cs, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            mask = (offs_c[:, None] < Cs) & mask_n[None, :]
+            f = tl.load(s_ptr + b * s_sb + offs_c[:, None] * s_sc + offs_n[None, :] * s_sn,
+                        mask=mask, other=0.0).to(acc_type)
+            g = tl.load(gn_ptr + (b * Cs + offs_c[:, None]) * N + offs_n[None, :], mask=mask,
+                        other=0.0).to(acc_type)
+            dot += tl.sum(f * inverse[None, :] * g, axis=0)
+        # f̂ (f̂ᵀg)/‖f‖ = f · inverse · dot / ‖f‖; an all-zero position has f = 0 and no term
+        coefficient = tl.where(norm > 0, dot * inverse / tl.where(norm > 0, norm, 1.0), 0.0)
+    for c0 in range(0, Cs, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        mask = (offs_c[:, None] < Cs) & mask_n[None, :]
+        flat = (b * Cs + offs_c[:, None]) * N + offs_n[None, :]
+        grad = tl.zeros([BLOCK_C, BLOCK_N], dtype=acc_type)
+        if NORMALISE:
+            f = tl.load(s_ptr + b * s_sb + offs_c[:, None] * s_sc + offs_n[None, :] * s_sn,
+                        mask=mask, other=0.0).to(acc_type)
+            g = tl.load(gn_ptr + flat, mask=mask, other=0.0).to(acc_type)
+            grad += g * inverse[None, :] - f * coefficient[None, :]
+        if RAW:
+            grad += tl.load(gr_ptr + flat, mask=mask, other=0.0).to(acc_type)
+        tl.store(out_ptr + flat, grad, mask=mask)
+
+
+def _flat(f: torch.Tensor) -> torch.Tensor:
+    """``B×C×S…`` → a ``B×C×N`` view when the strides allow (channels_last does), else a
+    copy; the kernels take any strides."""
+    return f.flatten(2) if f.dim() > 3 else f
+
+
+def _inverse_position_norms(f: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    batch, channels, n = f.shape
+    out = torch.empty(batch, n, device=f.device, dtype=acc_dtype)
+    block_n = 64
+    _inverse_norms[(batch, triton.cdiv(n, block_n))](
+        f, out, channels, n, *f.stride(), EPS,
+        ACC64=acc_dtype == torch.float64, BLOCK_C=_block(channels, 32), BLOCK_N=block_n,
+    )
+    return out
+
+
+def _splits(batch: int, blocks: int, n: int, block_n: int, device: torch.device) -> int:
+    """Slices of positions per Gram block, so that about two waves of programs run."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 1
+    useful = max(1, blocks * (blocks + 1) // 2 * batch)
+    return max(1, min(triton.cdiv(target, useful), triton.cdiv(n, 8 * block_n), 64))
+
+
+class _StackedGram(torch.autograd.Function):
+    """(student ``B×Cs×N``, teacher ``B×Ct×N`` or None) → (normalised Gram, raw Gram) of
+    the stacked [teacher; student], each ``B×R×R`` or an empty tensor when not asked."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, normalise, raw, acc_dtype):
+        batch, cs, n = student.shape
+        ct = 0 if teacher is None else teacher.shape[1]
+        t = student if teacher is None else teacher  # any valid pointer when Ct = 0
+        r = ct + cs
+        acc64 = acc_dtype == torch.float64
+        rs = _inverse_position_norms(student, acc_dtype) if normalise else student.new_empty(0)
+        rt = (
+            _inverse_position_norms(teacher, acc_dtype)
+            if normalise and teacher is not None else rs
+        )
+        block_r, block_n = _block(r, 64), 64
+        blocks = triton.cdiv(r, block_r)
+        splits = _splits(batch, blocks, n, block_n, student.device)
+        per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+        splits = triton.cdiv(n, per_split) if n > 0 else 1
+        shape = (splits, batch, r, r)
+        dev = student.device
+        gn = torch.zeros(shape, device=dev, dtype=acc_dtype) if normalise else rs
+        gr = torch.zeros(shape, device=dev, dtype=acc_dtype) if raw else rs
+        if n > 0:
+            _gram[(batch, blocks * blocks, splits)](
+                t, student, rt, rs, gn, gr, ct, r, n, per_split, blocks,
+                *t.stride(), *student.stride(),
+                NORMALISE=normalise, RAW=raw, ACC64=acc64, BLOCK_R=block_r, BLOCK_N=block_n,
+            )
+        upper = torch.ones(r, r, dtype=torch.bool, device=dev).triu()
+        outputs = []
+        for wanted, partial in ((normalise, gn), (raw, gr)):
+            if wanted:
+                gram = partial.sum(0)
+                outputs.append(torch.where(upper, gram, gram.mT))
+            else:
+                outputs.append(student.new_empty(0, dtype=acc_dtype))
+        ctx.save_for_backward(student, teacher if teacher is not None else student, rs, rt)
+        ctx.settings = (ct, normalise, raw, acc_dtype, teacher is None)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_normalised, grad_raw):
+        student, teacher, rs, rt = ctx.saved_tensors
+        ct, normalise, raw, acc_dtype, no_teacher = ctx.settings
+        t = student if no_teacher else teacher
+        batch, cs, n = student.shape
+        r = ct + cs
+        acc64 = acc_dtype == torch.float64
+
+        def student_rows(grad):  # (dG + dGᵀ) restricted to the student's rows, B×Cs×R
+            grad = grad.to(acc_dtype)
+            return (grad + grad.mT)[:, ct:, :].contiguous()
+
+        wn = student_rows(grad_normalised) if normalise else rs
+        wr = student_rows(grad_raw) if raw else rs
+        gn = torch.empty(batch, cs, n, device=student.device, dtype=acc_dtype)
+        gr = torch.empty_like(gn) if raw else gn
+        block_c, block_k, block_n = _block(cs, 64), _block(r, 32), 64
+        if n > 0:
+            _gram_grad[(batch, triton.cdiv(cs, block_c), triton.cdiv(n, block_n))](
+                t, student, rt, rs, wn, wr, gn, gr, ct, cs, r, n,
+                *t.stride(), *student.stride(),
+                NORMALISE=normalise, RAW=raw, ACC64=acc64,
+                BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_N=block_n,
+            )
+        grad_student = torch.empty(batch, cs, n, device=student.device, dtype=acc_dtype)
+        if n > 0:
+            _normalise_grad[(batch, triton.cdiv(n, block_n))](
+                student, rs, gn, gr, grad_student, cs, n,
+                *student.stride(), EPS,
+                NORMALISE=normalise, RAW=raw, ACC64=acc64,
+                BLOCK_C=_block(cs, 32), BLOCK_N=block_n,
+            )
+        return grad_student.to(student.dtype), None, None, None, None
+
+
+def stacked_gram(
+    student: torch.Tensor,
+    teacher: torch.Tensor | None = None,
+    normalise: bool = True,
+    raw: bool = False,
+    accumulate: str = "fp64",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised Gram, raw Gram) of ``H = [teacher; student]``: each ``B×R×R`` in the
+    accumulation dtype (empty when not asked for). Differentiable in ``student`` only."""
+    acc_dtype = accumulation_dtype(accumulate)
+    student = _flat(student)
+    teacher = None if teacher is None else _flat(teacher.detach())
+    return _StackedGram.apply(student, teacher, normalise, raw, acc_dtype)
+
+
+def _result_dtype(f: torch.Tensor) -> torch.dtype:
+    return torch.float64 if f.dtype == torch.float64 else torch.float32
+
+
+def _spatial_from_gram(gram: torch.Tensor, ct: int, n: int) -> torch.Tensor:
+    ktt, mts, kss = gram[:, :ct, :ct], gram[:, :ct, ct:], gram[:, ct:, ct:]
+    per_image = (ktt.square().sum((1, 2)) + kss.square().sum((1, 2))
+                 - 2 * mts.square().sum((1, 2)))
+    return per_image.sum() / (gram.shape[0] * n * n)
+
+
+def _channel_from_grams(student_gram: torch.Tensor, teacher_gram: torch.Tensor):
+    diff = channel_map_from_gram(student_gram) - channel_map_from_gram(teacher_gram)
+    return diff.square().mean()
+
+
+def spatial_similarity(student, teacher, accumulate="fp64"):
+    """MSE between the ``B×N×N`` spatial maps from one normalised stacked Gram."""
+    gram, _ = stacked_gram(student, teacher, normalise=True, accumulate=accumulate)
+    n = _flat(student).shape[2]
+    return _spatial_from_gram(gram, teacher.shape[1], n).to(_result_dtype(student))
+
+
+def channel_similarity(student, teacher, accumulate="fp64"):
+    """MSE between the ``B×C×C`` channel maps from the raw Grams of each side."""
+    _, student_gram = stacked_gram(student, None, normalise=False, raw=True,
+                                   accumulate=accumulate)
+    with torch.no_grad():
+        _, teacher_gram = stacked_gram(teacher, None, normalise=False, raw=True,
+                                       accumulate=accumulate)
+    return _channel_from_grams(student_gram, teacher_gram).to(_result_dtype(student))
+
+
+def spatial_channel_similarity(student, teacher, accumulate="fp64"):
+    """Spatial plus channel loss from one pass over both feature maps (same C and N)."""
+    normalised, raw = stacked_gram(student, teacher, normalise=True, raw=True,
+                                   accumulate=accumulate)
+    c, n = teacher.shape[1], _flat(student).shape[2]
+    spatial = _spatial_from_gram(normalised, c, n)
+    channel = _channel_from_grams(raw[:, c:, c:], raw[:, :c, :c])
+    return (spatial + channel).to(_result_dtype(student))
+
+
+def batch_similarity(student, teacher, accumulate="fp64"):
+    """MSE between the row-normalised ``B×B`` batch Grams: the Gram kernel run on the
+    batch as the rows of a single ``1×B×(C·N)`` matrix."""
+    _, student_gram = stacked_gram(student.reshape(1, student.shape[0], -1), None,
+                                   normalise=False, raw=True, accumulate=accumulate)
+    with torch.no_grad():
+        _, teacher_gram = stacked_gram(teacher.reshape(1, teacher.shape[0], -1), None,
+                                       normalise=False, raw=True, accumulate=accumulate)
+    s = torch.nn.functional.normalize(student_gram[0], dim=1)
+    t = torch.nn.functional.normalize(teacher_gram[0], dim=1)
+    return (s - t).square().mean().to(_result_dtype(student))

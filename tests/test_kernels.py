@@ -1,0 +1,222 @@
+"""Every similarity backend against the float64 materialised definition.
+
+Triton runs on the GPU when there is one, else in the Triton interpreter on the CPU (small
+shapes: the interpreter costs milliseconds per program). Tolerances are scaled to the size
+of the terms the Gram identity cancels (‖Ktt‖² + ‖Kss‖², per map entry), not to the loss."""
+
+import os
+
+import pytest
+import torch
+
+from kdkit import kernels
+from kdkit.kernels import factored, reference
+from kdkit.losses import (
+    channel_similarity_loss,
+    spatial_channel_similarity_loss,
+    spatial_similarity_loss,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["reference", "factored"] + (["triton"] if kernels.triton_available() else [])
+needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="triton not installed")
+
+# relative-to-cancelled-terms tolerance for each (input dtype, accumulate)
+TOLERANCE = {
+    ("float64", "fp64"): 1e-12, ("float64", "fp32"): 1e-5,
+    ("float32", "fp64"): 1e-12, ("float32", "fp32"): 1e-5,
+    ("bfloat16", "fp64"): 1e-12, ("bfloat16", "fp32"): 1e-5,
+    ("float16", "fp64"): 1e-12, ("float16", "fp32"): 1e-5,
+}
+
+
+def cancelled_scale(student, teacher):
+    """(‖F̂tF̂tᵀ‖² + ‖F̂sF̂sᵀ‖²) / (B·N²) in float64: the size of the terms the spatial
+    identity subtracts, expressed per map entry like the loss."""
+    fs = reference.normalize_positions(student.double())
+    ft = reference.normalize_positions(teacher.double())
+    n = fs.shape[2]
+    terms = (ft @ ft.mT).square().sum() + (fs @ fs.mT).square().sum()
+    return (terms / (fs.shape[0] * n * n)).item()
+
+
+def cancelled_grad_scale(student):
+    """‖∂(‖F̂sF̂sᵀ‖² / (B·N²))/∂s‖ in float64: the size of the gradient terms that cancel."""
+    s = student.detach().double().requires_grad_()
+    fs = reference.normalize_positions(s)
+    n = fs.shape[2]
+    (grad,) = torch.autograd.grad((fs @ fs.mT).square().sum() / (fs.shape[0] * n * n), s)
+    return grad.norm().item()
+
+
+def float64_loss_and_grad(function, student, teacher):
+    s = student.detach().double().requires_grad_()
+    loss = function(s, teacher.detach().double(), backend="reference")
+    (grad,) = torch.autograd.grad(loss, s)
+    return loss.item(), grad
+
+
+def loss_and_grad(function, student, teacher, backend, accumulate):
+    s = student.detach().clone().requires_grad_()
+    loss = function(s, teacher, backend=backend, accumulate=accumulate)
+    (grad,) = torch.autograd.grad(loss, s)
+    return loss, grad
+
+
+def features(shape, dtype=torch.float32, zeros=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(shape, generator=g, dtype=torch.float64)
+    if zeros:
+        f[0, :, 0] = 0  # an all-zero position
+        f[-1, 0, :] = 0  # an all-zero channel
+    return f.to(DEVICE, dtype)
+
+
+SHAPES = [  # (B, Cs, Ct, H, W): N off the block size, C = 1, C over one tile
+    (2, 5, 7, 6, 7),
+    (1, 1, 1, 9, 9),
+    (3, 1, 4, 1, 1),
+    (2, 70, 33, 5, 13),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("accumulate", ["fp32", "fp64"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("zeros", [False, True])
+def test_spatial_matches_float64_reference(backend, accumulate, shape, zeros):
+    b, cs, ct, h, w = shape
+    s = features((b, cs, h * w), zeros=zeros, seed=1).view(b, cs, h, w)
+    t = features((b, ct, h * w), zeros=zeros, seed=2).view(b, ct, h, w)
+    expected, expected_grad = float64_loss_and_grad(spatial_similarity_loss, s, t)
+    loss, grad = loss_and_grad(spatial_similarity_loss, s, t, backend, accumulate)
+    assert loss.dtype == torch.float32 and torch.isfinite(grad).all()
+    tol = 1e-6 if backend == "reference" else TOLERANCE[("float32", accumulate)]
+    assert abs(loss.item() - expected) <= tol * cancelled_scale(s, t) + 1e-7 * expected
+    # float32 maps (reference) and float32 Grams carry ~1e-7 relative rounding per entry,
+    # which the gradient's own cancellation amplifies; float64 Grams do not
+    grad_rtol = 1e-6 if backend != "reference" and accumulate == "fp64" else 1e-3
+    grad_error = (grad.double() - expected_grad).norm()
+    assert grad_error <= 10 * tol * cancelled_grad_scale(s) + grad_rtol * expected_grad.norm()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zeros", [False, True])
+def test_channel_and_batch_match_float64_reference(backend, zeros):
+    s = features((3, 6, 40), zeros=zeros, seed=3).view(3, 6, 5, 8)
+    t = features((3, 6, 12), zeros=zeros, seed=4).view(3, 6, 3, 4)
+    for function in (channel_similarity_loss, kernels_batch_loss):
+        expected, expected_grad = float64_loss_and_grad(function, s, t)
+        loss, grad = loss_and_grad(function, s, t, backend, "fp64")
+        assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-12)
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-9)
+
+
+def kernels_batch_loss(student, teacher, backend="auto", accumulate="fp64"):
+    from kdkit.losses import batch_similarity_loss
+
+    return batch_similarity_loss(student, teacher, backend, accumulate)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_spatial_channel_equals_the_sum(backend):
+    s = features((2, 9, 30), zeros=True, seed=5).view(2, 9, 5, 6)
+    t = features((2, 9, 30), seed=6).view(2, 9, 5, 6)
+
+    def both(a, b, backend="reference", accumulate="fp64"):
+        return spatial_similarity_loss(a, b, backend) + channel_similarity_loss(a, b, backend)
+
+    expected, expected_grad = float64_loss_and_grad(both, s, t)
+    loss, grad = loss_and_grad(spatial_channel_similarity_loss, s, t, backend, "fp64")
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("noise", [1e-2, 1e-3])
+def test_default_precision_holds_near_convergence(backend, noise):
+    """Student = teacher + noise: the identity cancels terms ~10⁶ times the loss, yet the
+    default accumulation keeps loss and gradient within 1e-3 of the float64 reference."""
+    t = features((2, 32, 300), seed=7)
+    s = (t.double() + noise * features((2, 32, 300), torch.float64, seed=8)).float()
+    for function in (spatial_similarity_loss, spatial_channel_similarity_loss):
+        expected, expected_grad = float64_loss_and_grad(function, s, t)
+        s_ = s.detach().clone().requires_grad_()
+        loss = function(s_, t, backend=backend)  # default accumulate
+        (grad,) = torch.autograd.grad(loss, s_)
+        assert abs(loss.item() - expected) <= 1e-3 * expected
+        assert (grad.double() - expected_grad).norm() <= 1e-3 * expected_grad.norm()
+
+
+def test_fp32_accumulation_loses_accuracy_near_convergence():
+    """Why fp64 is the default: documents the failure it avoids (kernels.md)."""
+    t = features((2, 32, 400), seed=9)
+    s = (t.double() + 1e-3 * features((2, 32, 400), torch.float64, seed=10)).float()
+    expected, _ = float64_loss_and_grad(spatial_similarity_loss, s, t)
+    fp32 = factored.spatial_similarity(s, t, "fp32").item()
+    assert abs(fp32 - expected) > 1e-3 * expected
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("accumulate", ["fp32", "fp64"])
+def test_triton_input_dtypes(dtype, accumulate):
+    s = features((2, 6, 50), dtype, seed=11).view(2, 6, 5, 10)
+    t = features((2, 6, 50), dtype, seed=12).view(2, 6, 5, 10)
+    expected, expected_grad = float64_loss_and_grad(spatial_channel_similarity_loss, s, t)
+    loss, grad = loss_and_grad(spatial_channel_similarity_loss, s, t, "triton", accumulate)
+    assert grad.dtype == dtype
+    name = str(dtype).removeprefix("torch.")
+    tol = TOLERANCE[(name, accumulate)]
+    assert abs(loss.item() - expected) <= tol * cancelled_scale(s, t) + 1e-6 * expected
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-2, atol=1e-6)
+
+
+@needs_triton
+def test_triton_takes_channels_last_and_non_contiguous_inputs():
+    s = features((2, 8, 36), seed=13).view(2, 8, 6, 6)
+    t = features((2, 8, 36), seed=14).view(2, 8, 6, 6)
+    expected, expected_grad = float64_loss_and_grad(spatial_channel_similarity_loss, s, t)
+    variants = [
+        (s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)),
+        (s.transpose(2, 3).contiguous().transpose(2, 3), t[:, :, :, :]),
+        (torch.stack([s, s], dim=2)[:, :, 0], torch.cat([t, t], dim=3)[..., :6]),
+    ]
+    for a, b in variants:
+        loss, grad = loss_and_grad(spatial_channel_similarity_loss, a, b, "triton", "fp64")
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-9)
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE != "cuda", reason="N > 100k is minutes in the interpreter; GPU only")
+def test_triton_large_n_on_gpu():
+    s = features((1, 4, 131_072), seed=15)
+    t = features((1, 4, 131_072), seed=16)
+    expected = factored.spatial_similarity(s, t).item()
+    assert kernels.spatial_similarity(s, t, "triton").item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_auto_backend_and_environment_override(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.delenv(kernels.ENV_BACKEND, raising=False)
+    assert kernels.resolve_backend("auto", cpu) == "factored"
+    monkeypatch.setenv(kernels.ENV_BACKEND, "reference")
+    assert kernels.resolve_backend("auto", cpu) == "reference"
+    assert kernels.resolve_backend("factored", cpu) == "factored"  # explicit wins
+    monkeypatch.setenv(kernels.ENV_BACKEND, "fast")
+    with pytest.raises(ValueError, match=f"'fast' \\(from {kernels.ENV_BACKEND}\\)"):
+        kernels.resolve_backend("auto", cpu)
+    with pytest.raises(ValueError, match="accumulate must be"):
+        spatial_similarity_loss(torch.ones(2, 2, 2, 2), torch.ones(2, 2, 2, 2), "factored",
+                                "fp16")
+
+
+@needs_triton
+def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
+    if DEVICE == "cuda":
+        pytest.skip("the CPU refusal is only reachable without a GPU")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kernels.resolve_backend("triton", torch.zeros(1))
+    assert os.environ["TRITON_INTERPRET"] == "0"
