@@ -75,9 +75,16 @@ def features(shape, dtype=torch.float32, zeros=False, seed=0):
 SHAPES = [  # (B, Cs, Ct, H, W): N off the block size, C = 1, C over one tile
     (2, 5, 7, 6, 7),
     (1, 1, 1, 9, 9),
-    (3, 1, 4, 1, 1),
-    (2, 70, 33, 5, 13),
+    (3, 1, 4, 1, 1),  # factored takes the maps here (N < C) ...
+    (2, 70, 33, 5, 13),  # ... and here
+    (1, 40, 24, 10, 10),  # Grams over several tiles
 ]
+
+
+def test_factored_takes_the_cheaper_route():
+    assert factored.gram_is_cheaper(6400, 64, 128)  # the papers' conv2
+    assert not factored.gram_is_cheaper(100, 512, 512)  # conv5: 10×10 positions
+    assert not factored.gram_is_cheaper(1, 1, 4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

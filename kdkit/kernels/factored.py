@@ -5,9 +5,12 @@ For one image, with ``F̂t`` (``Ct×N``) and ``F̂s`` (``Cs×N``) position-norma
     Σ_ij (At − As)²_ij = ‖F̂t F̂tᵀ‖²_F + ‖F̂s F̂sᵀ‖²_F − 2‖F̂t F̂sᵀ‖²_F
 
 so the spatial loss costs ``O(N·C²)`` time and ``O(C²)`` memory instead of ``O(N²·C)`` and
-``O(N²)``. The right side subtracts terms of size ``~N²``: ``accumulate="fp64"`` computes the
-Grams in float64 so the loss stays accurate when the student is close to the teacher.
-Autograd gives the backward.
+``O(N²)``. Its gradient is as cheap: with ``Kss = F̂sF̂sᵀ`` and ``M = F̂tF̂sᵀ``,
+``∂/∂F̂s = 4·(Kss F̂s − Mᵀ F̂t)``, then back through the normalisation (written out below
+rather than left to autograd, which would spend an extra ``Cs²·N`` product and several
+elementwise passes). The right side subtracts terms of size ``~N²``: ``accumulate="fp64"``
+computes the Grams in float64 so the loss stays accurate when the student is close to the
+teacher.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdkit.kernels import reference
 from kdkit.kernels.reference import EPS
 
 ACCUMULATE = {"fp32": torch.float32, "fp64": torch.float64}
@@ -31,25 +35,63 @@ def _result_dtype(f: torch.Tensor) -> torch.dtype:
     return torch.float64 if f.dtype == torch.float64 else torch.float32
 
 
-def _position_normalised(f: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _position_normalised(f: torch.Tensor, dtype: torch.dtype):
+    """``B×C×S…`` → (``F̂`` ``B×C×N``, the norms ``B×1×N``) in ``dtype``."""
     f = f.flatten(2).to(dtype)
-    return f / (f.norm(dim=1, keepdim=True) + EPS)
+    norms = f.square().sum(dim=1, keepdim=True).sqrt_()  # 3× faster than .norm(dim=1) here
+    return f * (1 / (norms + EPS)), norms
 
 
 def _squared_norm(m: torch.Tensor) -> torch.Tensor:
     return m.square().sum(dim=(1, 2))
 
 
+class _SpatialSimilarity(torch.autograd.Function):
+    """The factored spatial loss with its closed-form backward (student only)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, dtype):
+        fs, norms = _position_normalised(student, dtype)
+        ft, _ = _position_normalised(teacher, dtype)
+        kss, mts = fs @ fs.mT, ft @ fs.mT
+        batch, n = fs.shape[0], fs.shape[2]
+        per_image = _squared_norm(ft @ ft.mT) + _squared_norm(kss) - 2 * _squared_norm(mts)
+        ctx.save_for_backward(fs, ft, norms, kss, mts)
+        ctx.student_shape, ctx.student_dtype = student.shape, student.dtype
+        return per_image.sum() / (batch * n * n)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        fs, ft, norms, kss, mts = ctx.saved_tensors
+        batch, n = fs.shape[0], fs.shape[2]
+        # ∂L/∂F̂s = 4 (Kss F̂s − Mᵀ F̂t) / (B·N²)
+        grad = torch.baddbmm(kss @ fs, mts.mT, ft, alpha=-1)
+        scale = grad_output.to(grad.dtype) * 4 / (batch * n * n)
+        # through F̂ = f / (‖f‖ + ε): ∂L/∂f = g/(‖f‖ + ε) − F̂ (F̂ᵀg)/‖f‖ (no term where f = 0)
+        dot = (fs * grad).sum(dim=1, keepdim=True)
+        radial = dot * scale / torch.where(norms > 0, norms, 1.0)
+        grad.mul_(scale / (norms + EPS)).addcmul_(fs, radial, value=-1)
+        return grad.reshape(ctx.student_shape).to(ctx.student_dtype), None, None
+
+
+def gram_is_cheaper(n: int, student_channels: int, teacher_channels: int) -> bool:
+    """Whether the three ``C×C`` Grams (``N·(Ct² + Cs² + Ct·Cs)`` multiply-adds) cost less
+    than the two ``N×N`` maps (``N²·(Cs + Ct)``): true unless ``N`` is below about ``C``."""
+    cs, ct = student_channels, teacher_channels
+    return ct * ct + cs * cs + ct * cs < n * (cs + ct)
+
+
 def spatial_similarity(student: torch.Tensor, teacher: torch.Tensor, accumulate: str = "fp64"):
-    """``B×Cs×S…``, ``B×Ct×S…`` → scalar: MSE between the ``B×N×N`` spatial maps."""
+    """``B×Cs×S…``, ``B×Ct×S…`` → scalar: MSE between the ``B×N×N`` spatial maps. Deep
+    layers with fewer positions than channels (``N`` below about ``C``) take the
+    materialised maps instead, which are then the cheaper exact route."""
     dtype = accumulation_dtype(accumulate)
-    fs = _position_normalised(student, dtype)
-    ft = _position_normalised(teacher.detach(), dtype)
-    batch, n = fs.shape[0], fs.shape[2]
-    per_image = (
-        _squared_norm(ft @ ft.mT) + _squared_norm(fs @ fs.mT) - 2 * _squared_norm(ft @ fs.mT)
-    )
-    return (per_image.sum() / (batch * n * n)).to(_result_dtype(student))
+    n = student[0, 0].numel()
+    if gram_is_cheaper(n, student.shape[1], teacher.shape[1]):
+        loss = _SpatialSimilarity.apply(student, teacher.detach(), dtype)
+    else:
+        loss = reference.spatial_similarity(student.to(dtype), teacher.to(dtype))
+    return loss.to(_result_dtype(student))
 
 
 def channel_map_from_gram(gram: torch.Tensor) -> torch.Tensor:

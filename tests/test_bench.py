@@ -1,0 +1,56 @@
+import csv
+
+import torch
+
+from kdkit import bench
+from kdkit.cli import main
+
+
+def test_case_accounting_by_hand():
+    case = bench.Case("x", "spatial", ((2, 3, 5, 7),))
+    assert case.elements() == 2 * 8 * 7
+    assert case.student_elements() == 2 * 3 * 7
+    # N = 7 < C = 8: the symmetric maps are cheaper than the Grams
+    assert case.floor_flops(backward=False) == 2 * 2 * (7 * 7 * 8 / 2)
+    assert case.floor_flops(backward=True) == 2 * 2 * (7 * 7 * 8 / 2 + 7 * 7 * 3)
+    wide = bench.Case("z", "spatial", ((1, 4, 6, 100),))
+    assert wide.floor_flops(backward=True) == 2 * 100 * (18 + 8 + 24 + 4 * 10)
+    fused = bench.Case("y", "spatial+channel", ((1, 4, 4, 10),))
+    assert fused.floor_flops(backward=False) == 2 * 10 * ((8 + 8 + 16) + (16 + 16) / 2)
+    assert case.reference_bytes() == 6 * 4 * 2 * 7 * 7
+
+
+def test_paper_cases_follow_the_papers_layers():
+    cases = {c.name: c for c in bench.paper_cases(16)}
+    assert cases["320² conv2 spatial"].layers == ((16, 64, 128, 6400),)
+    assert [layer[3] for layer in cases["320² conv2-5 spatial+channel"].layers] == [
+        6400, 1600, 400, 100]
+    assert [layer[2] for layer in cases["1024² conv2-5 spatial+channel"].layers] == [
+        128, 256, 512, 512]
+
+
+def test_reference_that_cannot_fit_is_reported_not_run():
+    huge = bench.Case("huge", "spatial", ((16, 64, 128, 1 << 20),))
+    ceilings = {"copy_gb_s": 10.0, "matmul_fp32_gflop_s": 100.0, "matmul_fp64_gflop_s": 50.0}
+    result = bench.run_case(huge, "reference", "fp32", torch.device("cpu"), ceilings, 1)
+    assert result.note.startswith("OOM") and result.forward_ms is None
+
+
+def test_bench_command_writes_table_and_csv(tmp_path, capsys):
+    argv = ["bench", "kernels", "--batch", "1", "--crops", "320", "--repeats", "1",
+            "--backends", "reference", "factored", "--accumulate", "fp64", "--out",
+            str(tmp_path)]
+    assert main(argv) == 0
+    table = (tmp_path / "kernels-cpu.md").read_text()
+    assert "| 320² conv2 spatial | factored | fp64 |" in table
+    assert "copy" in table and "torch " in table
+    with open(tmp_path / "kernels-cpu.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["case"], r["backend"]) for r in rows] == [
+        ("320² conv2 spatial", "reference"), ("320² conv2 spatial", "factored"),
+        ("320² conv2-5 spatial+channel", "reference"),
+        ("320² conv2-5 spatial+channel", "factored"),
+    ]
+    factored = rows[1]
+    assert float(factored["ratio_to_reference"]) > 1 and float(factored["floor_ms"]) > 0
+    assert "wrote" in capsys.readouterr().out
