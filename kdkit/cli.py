@@ -41,6 +41,70 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace):
+    from kdkit.config import load_run_config
+
+    overrides = list(args.set or [])
+    if getattr(args, "out", None):
+        overrides.append(f"out_dir={args.out}")
+    return load_run_config(args.config, overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from kdkit.task import load_task
+    from kdkit.train import train
+
+    run = _run_config(args)
+    train(run, load_task(run.task), resume=not args.no_resume, progress=not args.quiet)
+    return 0
+
+
+def _load_trained(args: argparse.Namespace):
+    from kdkit.task import load_task
+    from kdkit.train import load_weights, resolve_device
+
+    run = _run_config(args)
+    task = load_task(run.task)
+    device = resolve_device(run.train.device)
+    model = load_weights(task.build_model(run.model), args.checkpoint).to(device).eval()
+    return run, task, model, device
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from kdkit.train import evaluate
+
+    run, task, model, device = _load_trained(args)
+    _, eval_set = task.datasets(run.data)
+    metrics = evaluate(task, model, eval_set, run, device, progress=not args.quiet)
+    for name, value in metrics.items():
+        print(f"{name:>8}: {value:.6g}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    run, task, model, device = _load_trained(args)
+    written = task.predict(model, args.image, args.trimap, args.output, run.data, device)
+    print(f"wrote {len(written)} alpha matte(s) to {args.output}")
+    return 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from kdkit.task import load_task
+
+    folder = load_task(args.task).write_synthetic(args.out, args.n, args.size, args.seed)
+    print(f"wrote {args.n} samples and a contact sheet to {folder}")
+    return 0
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, checkpoint: bool) -> None:
+    parser.add_argument("config", help="run config (YAML)")
+    parser.add_argument("--set", nargs="+", metavar="KEY=VALUE",
+                        help="override config values, e.g. train.steps=20 data.size=64")
+    if checkpoint:
+        parser.add_argument("--checkpoint", required=True, help="model.pt or checkpoint.pt")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdkit", description="Knowledge distillation for dense prediction."
@@ -72,6 +136,34 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only these crop sizes (default: all)")
     kernels.add_argument("--out", default="docs/benchmarks", help="report folder")
     kernels.set_defaults(run=_bench_kernels, argv=None)
+
+    train = commands.add_parser("train", help="train (or distil) a model from a run config")
+    _add_run_arguments(train, checkpoint=False)
+    train.add_argument("--out", help="output folder (overrides out_dir)")
+    train.add_argument("--no-resume", action="store_true",
+                       help="start afresh even if the output folder holds a checkpoint")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate trained weights on the test set")
+    _add_run_arguments(evaluate, checkpoint=True)
+    evaluate.set_defaults(run=_eval)
+
+    predict = commands.add_parser("predict", help="predict with trained weights")
+    _add_run_arguments(predict, checkpoint=True)
+    predict.add_argument("--image", required=True, help="an image file or a folder of them")
+    predict.add_argument("--trimap", required=True, help="a trimap file or a folder (same names)")
+    predict.add_argument("--output", required=True, help="folder for the predictions")
+    predict.set_defaults(run=_predict)
+
+    data = commands.add_parser("data", help="data tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    synth = data_commands.add_parser("synth", help="write a synthetic dataset as PNG folders")
+    synth.add_argument("--task", default="matting")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--n", type=int, default=200)
+    synth.add_argument("--size", type=int, default=512)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=_data_synth)
     return parser
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -28,7 +29,17 @@ import yaml
 
 from kdkit.distiller import DistillTerm
 
-__all__ = ["ConfigError", "load_yaml", "from_mapping", "load_terms"]
+__all__ = [
+    "ConfigError",
+    "TrainSettings",
+    "RunConfig",
+    "load_yaml",
+    "from_mapping",
+    "load_terms",
+    "load_run_config",
+    "run_config_from_mapping",
+    "apply_overrides",
+]
 
 T = TypeVar("T")
 
@@ -120,3 +131,89 @@ def load_terms(source: str | Path | list | dict) -> list[DistillTerm]:
     if not isinstance(data, list) or not data:
         raise ConfigError(f"distillation: expected a non-empty list of terms, found {data!r}")
     return [from_mapping(DistillTerm, item, f"distillation[{i}]") for i, item in enumerate(data)]
+
+
+@dataclass
+class TrainSettings:
+    """The ``train:`` section of a run config."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam | sgd
+    schedule: str = "cosine"  # cosine | constant
+    grad_clip: float | None = None
+    amp: bool = True  # mixed precision, on CUDA only
+    checkpoint_every: int = 500
+    eval_every: int = 0  # 0: evaluate at the end only
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    """A training/evaluation run: which task, model, data, losses, and how to train.
+
+    ``teacher`` (``{model: {...}, checkpoint: PATH}``) and ``distillation`` (a list of
+    :class:`DistillTerm` mappings) turn the run into distillation."""
+
+    task: str
+    model: dict[str, Any]
+    out_dir: str
+    data: dict[str, Any] = field(default_factory=dict)
+    loss: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    teacher: dict[str, Any] | None = None
+    distillation: list[DistillTerm] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (YAML-safe), the inverse of :func:`run_config_from_mapping`."""
+        data = dataclasses.asdict(self)
+        if self.distillation:
+            data["distillation"] = [
+                {k: v for k, v in dataclasses.asdict(t).items() if v not in (None, {}, False)}
+                for t in self.distillation
+            ]
+        return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to nested mappings."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.steps=20")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def run_config_from_mapping(data: Any, where: str = "config") -> RunConfig:
+    """Build a :class:`RunConfig`, checking every section."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, found {data!r}")
+    data = dict(data)
+    train = from_mapping(TrainSettings, data.pop("train", {}) or {}, f"{where}.train")
+    terms = data.pop("distillation", None)
+    run = from_mapping(RunConfig, data, where)
+    run.train = train
+    run.distillation = load_terms(terms) if terms else None
+    return run
+
+
+def load_run_config(source: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """A :class:`RunConfig` from a YAML file, with ``KEY=VALUE`` overrides applied."""
+    data = load_yaml(source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, found {data!r}")
+    return run_config_from_mapping(apply_overrides(data, overrides or []), str(source))

@@ -1,0 +1,80 @@
+"""The contract between the core and a task package, and how a config names its task.
+
+kdkit never imports a task: a config's ``task:`` is either a short name registered under
+the ``kdkit.tasks`` entry-point group (``matting``) or a dotted path ``module:Class``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from importlib.metadata import entry_points
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+__all__ = ["Task", "load_task", "registered_tasks"]
+
+ENTRY_POINT_GROUP = "kdkit.tasks"
+
+
+class Task(Protocol):
+    """What a task package provides to the training loop, evaluation and prediction.
+
+    A batch is whatever the task's datasets yield after default collation (usually a dict
+    of tensors)."""
+
+    def build_model(self, spec: dict[str, Any]) -> nn.Module:
+        """A model from the config's ``model:`` mapping."""
+
+    def datasets(self, spec: dict[str, Any]) -> tuple[Dataset, Dataset]:
+        """(train, evaluation) datasets from the config's ``data:`` mapping."""
+
+    def model_inputs(self, batch: Any) -> tuple:
+        """Positional arguments for the model (and the teacher) from a batch."""
+
+    def losses(self, prediction: Any, batch: Any, teacher_prediction: Any | None,
+               spec: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Named, weighted task losses (the distillation terms come from the Distiller);
+        ``spec`` is the config's ``loss:`` mapping."""
+
+    def metrics(self, spec: dict[str, Any]) -> Any:
+        """A fresh ``torchmetrics`` metric or collection; updated with
+        ``update(prediction, batch)`` through :meth:`update_metrics`."""
+
+    def update_metrics(self, metrics: Any, prediction: Any, batch: Any) -> None:
+        """Add one batch's predictions to ``metrics``."""
+
+    def predict(self, model: nn.Module, inputs: str, guides: str, output: str,
+                data: dict[str, Any], device: torch.device) -> list:
+        """Optional (``kdkit predict``): run ``model`` on files or folders, write results
+        into ``output``, return the written paths."""
+
+    def write_synthetic(self, out: str, n: int, size: int, seed: int) -> Any:
+        """Optional (``kdkit data synth``): write ``n`` generated samples as a folder."""
+
+
+def registered_tasks() -> dict[str, str]:
+    """Short task names → ``module:Class`` from installed entry points."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_task(name: str) -> Task:
+    """Instantiate the task ``name`` (a registered short name or ``module:Class``)."""
+    target = registered_tasks().get(name, name)
+    if ":" not in target:
+        known = registered_tasks()
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"unknown task {name!r}.{hint} Registered tasks: {', '.join(known) or 'none'}; "
+            "or give a dotted path such as 'my_package.task:MyTask'"
+        )
+    module_name, _, attribute = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attribute)()
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"could not load task {name!r} from {target!r}: {error}") from None

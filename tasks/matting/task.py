@@ -1,0 +1,220 @@
+"""The matting task for kdkit's training loop, evaluation and prediction.
+
+Config sections (see ``tasks/matting/configs/``):
+
+    model:  {name: dim_teacher | dim_student | timm, adapters: false, encoder: resnet18}
+    data:   {kind: synthetic | folder | composition1k, ...}  (:class:`MattingData`)
+    loss:   {alpha: 1.0, composition: 0.0, teacher_alpha: 0.0}  (:class:`MattingLoss`)
+
+A batch is a dict with ``image`` (``B×3×H×W`` in [0, 1]), ``alpha`` (``B×1×H×W``),
+``trimap`` (``B×1×H×W`` with values 0 / 128 / 255) and, when the data has them, ``fg`` and
+``bg``. Datasets whose trimaps mark the unknown region with another value
+(``data.unknown_value``, e.g. 102) are checked in their own convention and mapped to 128 on
+loading, so losses and metrics need no such setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from kdkit.config import ConfigError, from_mapping
+from tasks.matting import data as matting_data
+from tasks.matting.losses import alpha_prediction_loss, composition_loss
+from tasks.matting.metrics import matting_metrics
+from tasks.matting.models import TimmMatting, dim_student, dim_teacher, network_input
+
+__all__ = ["MattingModel", "MattingData", "MattingLoss", "MattingTask"]
+
+
+@dataclass
+class MattingModel:
+    """``model:`` section."""
+
+    name: str = "dim_student"  # dim_teacher | dim_student | timm
+    adapters: bool = False  # dim_student only: the papers' four 1×1 adapters
+    encoder: str = "resnet18"  # timm only
+    decoder_channels: int = 64  # timm only
+    pretrained: bool = False  # timm only; needs weights available locally
+
+
+@dataclass
+class MattingData:
+    """``data:`` section. ``synthetic`` generates samples (train and test from disjoint
+    seeds); ``folder`` reads ``image/ alpha/ trimap/`` folders; ``composition1k`` the
+    Adobe Composition-1k layout (``root`` for training, ``test_root`` for testing)."""
+
+    kind: str = "synthetic"
+    train_length: int = 2000
+    test_length: int = 50
+    size: int = 512
+    root: str | None = None
+    test_root: str | None = None
+    crop_sizes: list[int] = field(default_factory=lambda: [320, 480, 640])
+    output_size: int = 320
+    unknown_value: int = 128
+    bg_per_fg: int | None = None  # composition1k: the official 100 (train) / 20 (test)
+
+
+@dataclass
+class MattingLoss:
+    """``loss:`` section: weights of the alpha-prediction loss against the ground truth,
+    the composition loss, and the alpha-prediction loss against the teacher's alpha (the
+    SPKD papers' objective is ``alpha: 0.5, teacher_alpha: 0.5`` plus feature terms)."""
+
+    alpha: float = 1.0
+    composition: float = 0.0
+    teacher_alpha: float = 0.0
+
+
+UNKNOWN = 128  # the unknown value inside the task, whatever the data files use
+
+
+class _CanonicalTrimap:
+    """Wraps a transform: its output trimap's ``unknown_value`` becomes :data:`UNKNOWN`."""
+
+    def __init__(self, transform, unknown_value: int):
+        self.transform, self.unknown_value = transform, unknown_value
+
+    def __call__(self, sample: dict) -> dict:
+        out = self.transform(sample)
+        if self.unknown_value != UNKNOWN:
+            trimap = out["trimap"]
+            out["trimap"] = torch.where(trimap == self.unknown_value, UNKNOWN, trimap)
+        return out
+
+
+def _folder_pairs(images: str, trimaps: str) -> list[tuple[Path, Path]]:
+    """(image, trimap) path pairs: two files, or two folders matched by file stem."""
+    image_path, trimap_path = Path(images), Path(trimaps)
+    if image_path.is_file():
+        return [(image_path, trimap_path)]
+    if not image_path.is_dir():
+        raise FileNotFoundError(f"no such image file or folder: {image_path}")
+    by_stem = {p.stem: p for p in trimap_path.iterdir() if p.is_file()}
+    pairs = []
+    for image in sorted(p for p in image_path.iterdir() if p.is_file()):
+        if image.stem not in by_stem:
+            raise FileNotFoundError(f"no trimap for {image} in {trimap_path}")
+        pairs.append((image, by_stem[image.stem]))
+    if not pairs:
+        raise FileNotFoundError(f"no images in {image_path}")
+    return pairs
+
+
+class MattingTask:
+    """Deep Image Matting on synthetic or folder data, with the four standard metrics."""
+
+    def build_model(self, spec: dict[str, Any]) -> nn.Module:
+        model = from_mapping(MattingModel, spec, "model")
+        if model.name == "dim_teacher":
+            return dim_teacher()
+        if model.name == "dim_student":
+            return dim_student(adapters=model.adapters)
+        if model.name == "timm":
+            return TimmMatting(model.encoder, model.decoder_channels, model.pretrained)
+        raise ConfigError(f"model.name must be dim_teacher, dim_student or timm, got "
+                          f"{model.name!r}")
+
+    def datasets(self, spec: dict[str, Any]) -> tuple[Dataset, Dataset]:
+        data = from_mapping(MattingData, spec, "data")
+        # training trimaps are redrawn from alpha, directly in the task's convention
+        train_transform = matting_data.TrainTransform(
+            crop_sizes=tuple(data.crop_sizes), output_size=data.output_size,
+            unknown_value=UNKNOWN)
+        eval_transform = _CanonicalTrimap(
+            matting_data.EvalTransform(unknown_value=data.unknown_value), data.unknown_value)
+        if data.kind == "synthetic":
+            return (
+                matting_data.SyntheticMatting("train", data.train_length, data.size,
+                                              data.unknown_value, transform=train_transform),
+                matting_data.SyntheticMatting("test", data.test_length, data.size,
+                                              data.unknown_value, transform=eval_transform),
+            )
+        if data.root is None or data.test_root is None:
+            raise ConfigError(f"data.kind {data.kind!r} needs data.root and data.test_root")
+        if data.kind == "folder":
+            return (
+                matting_data.ImageFolderMatting(data.root, data.unknown_value, train_transform),
+                matting_data.ImageFolderMatting(data.test_root, data.unknown_value,
+                                                eval_transform),
+            )
+        if data.kind == "composition1k":
+            return (
+                matting_data.Composition1kMatting(data.root, "train", data.unknown_value,
+                                                  train_transform, data.bg_per_fg),
+                matting_data.Composition1kMatting(data.test_root, "test", data.unknown_value,
+                                                  eval_transform, data.bg_per_fg),
+            )
+        raise ConfigError(f"data.kind must be synthetic, folder or composition1k, got "
+                          f"{data.kind!r}")
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
+        return (network_input(batch["image"], batch["trimap"]),)
+
+    def losses(self, prediction, batch, teacher_prediction, spec) -> dict[str, torch.Tensor]:
+        weights = from_mapping(MattingLoss, spec, "loss")
+        trimap = batch["trimap"]
+        terms = {}
+        if weights.alpha:
+            terms["alpha"] = weights.alpha * alpha_prediction_loss(
+                prediction, batch["alpha"], trimap, UNKNOWN)
+        if weights.composition:
+            if "fg" not in batch or "bg" not in batch:
+                raise ConfigError("loss.composition needs data with foreground and background "
+                                  "(synthetic or composition1k); set it to 0 for this data")
+            terms["composition"] = weights.composition * composition_loss(
+                prediction, batch["image"], batch["fg"], batch["bg"], trimap, UNKNOWN)
+        if weights.teacher_alpha:
+            if teacher_prediction is None:
+                raise ConfigError("loss.teacher_alpha needs a teacher (a distillation run)")
+            terms["teacher_alpha"] = weights.teacher_alpha * alpha_prediction_loss(
+                prediction, teacher_prediction, trimap, UNKNOWN)
+        if not terms:
+            raise ConfigError("the loss section sets every weight to 0: nothing to train")
+        return terms
+
+    def metrics(self, spec: dict[str, Any]):
+        if spec:
+            raise ConfigError(f"the matting task's metrics take no settings, found {spec}")
+        return matting_metrics(unknown_value=UNKNOWN)
+
+    def update_metrics(self, metrics, prediction, batch) -> None:
+        metrics.update(prediction, batch["alpha"], batch["trimap"])
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: str, trimaps: str, output: str,
+                data: dict[str, Any], device: torch.device) -> list[Path]:
+        """Alpha PNGs at full resolution, named like the images; the trimap's known pixels
+        are copied into the prediction (0 or 1)."""
+        unknown = from_mapping(MattingData, data, "data").unknown_value
+        out_dir = Path(output)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        model.eval()
+        for image_path, trimap_path in _folder_pairs(images, trimaps):
+            image = matting_data.read_image(image_path)
+            trimap = matting_data.read_trimap(trimap_path, unknown)
+            trimap = np.where(trimap == unknown, UNKNOWN, trimap).astype(np.uint8)
+            if trimap.shape != image.shape[:2]:
+                raise ValueError(f"{trimap_path} is {trimap.shape[1]}×{trimap.shape[0]} but "
+                                 f"{image_path} is {image.shape[1]}×{image.shape[0]}")
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).to(device)
+            t = torch.from_numpy(trimap)[None, None].float().to(device)
+            alpha = model(network_input(x, t))[0, 0].float().cpu().numpy()
+            alpha = np.where(trimap == 0, 0.0, np.where(trimap == 255, 1.0, alpha))
+            target = out_dir / f"{image_path.stem}.png"
+            if not cv2.imwrite(str(target), np.round(alpha * 255).astype(np.uint8)):
+                raise OSError(f"could not write {target}")
+            written.append(target)
+        return written
+
+    def write_synthetic(self, out: str, n: int, size: int, seed: int) -> Path:
+        return matting_data.write_synthetic_folder(out, n, size, seed0=seed)
