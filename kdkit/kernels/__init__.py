@@ -96,31 +96,28 @@ def _triton():
     return triton_similarity
 
 
-def batch_similarity(student, teacher, backend="auto", accumulate=DEFAULT_ACCUMULATE):
-    """``B×…`` twice → scalar: MSE between the row-normalised ``B×B`` batch maps."""
+def _dispatch(loss: str, student, teacher, backend: str, accumulate: str):
+    """Call ``loss`` (a function name shared by the backend modules) on ``backend``."""
     backend = resolve_backend(backend, student)
     if backend == "reference":
-        return reference.batch_similarity(student, teacher)
+        return getattr(reference, loss)(student, teacher)
     module = factored if backend == "factored" else _triton()
-    return module.batch_similarity(student, teacher, accumulate)
+    return getattr(module, loss)(student, teacher, accumulate)
+
+
+def batch_similarity(student, teacher, backend="auto", accumulate=DEFAULT_ACCUMULATE):
+    """``B×…`` twice → scalar: MSE between the row-normalised ``B×B`` batch maps."""
+    return _dispatch("batch_similarity", student, teacher, backend, accumulate)
 
 
 def spatial_similarity(student, teacher, backend="auto", accumulate=DEFAULT_ACCUMULATE):
     """``B×Cs×S…``, ``B×Ct×S…`` → scalar: MSE between the ``B×N×N`` spatial maps."""
-    backend = resolve_backend(backend, student)
-    if backend == "reference":
-        return reference.spatial_similarity(student, teacher)
-    module = factored if backend == "factored" else _triton()
-    return module.spatial_similarity(student, teacher, accumulate)
+    return _dispatch("spatial_similarity", student, teacher, backend, accumulate)
 
 
 def channel_similarity(student, teacher, backend="auto", accumulate=DEFAULT_ACCUMULATE):
     """``B×C×S…``, ``B×C×S'…`` → scalar: MSE between the ``B×C×C`` channel maps."""
-    backend = resolve_backend(backend, student)
-    if backend == "reference":
-        return reference.channel_similarity(student, teacher)
-    module = factored if backend == "factored" else _triton()
-    return module.channel_similarity(student, teacher, accumulate)
+    return _dispatch("channel_similarity", student, teacher, backend, accumulate)
 
 
 def spatial_channel_similarity(student, teacher, backend="auto", accumulate=DEFAULT_ACCUMULATE):
