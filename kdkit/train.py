@@ -8,6 +8,7 @@ random state; replaced atomically), ``model.pt`` (the final weights alone), ``lo
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
@@ -31,6 +33,7 @@ __all__ = [
     "save_atomic",
     "load_checkpoint",
     "load_weights",
+    "resolve_path",
     "evaluate",
     "train",
     "to_device",
@@ -85,10 +88,26 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         ) from None
 
 
+def resolve_path(path: str | Path) -> Path:
+    """A file path, or ``package.module:file`` for a file shipped inside a package."""
+    text = str(path)
+    module, colon, name = text.partition(":")
+    if colon and not Path(text).exists() and module.replace(".", "").isidentifier():
+        return Path(str(importlib.resources.files(module) / name))
+    return Path(path)
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a ``model.pt`` or a full ``checkpoint.pt`` into ``model``."""
-    payload = load_checkpoint(path)
-    state = payload.get("model", payload) if isinstance(payload, dict) else payload
+    """Load weights into ``model`` from a ``model.pt``, a full ``checkpoint.pt`` or a
+    ``.safetensors`` file (any float dtype; converted to the model's)."""
+    path = resolve_path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"weights not found: {path}")
+        state = load_safetensors(path)
+    else:
+        payload = load_checkpoint(path)
+        state = payload.get("model", payload) if isinstance(payload, dict) else payload
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -29,17 +29,28 @@ from kdkit.config import ConfigError, from_mapping
 from tasks.matting import data as matting_data
 from tasks.matting.losses import alpha_prediction_loss, composition_loss
 from tasks.matting.metrics import matting_metrics
-from tasks.matting.models import TimmMatting, dim_student, dim_teacher, network_input
+from tasks.matting.models import (
+    DIM,
+    DIMSpec,
+    TimmMatting,
+    dim_student,
+    dim_teacher,
+    network_input,
+)
 
 __all__ = ["MattingModel", "MattingData", "MattingLoss", "MattingTask"]
 
 
 @dataclass
 class MattingModel:
-    """``model:`` section."""
+    """``model:`` section. ``dim`` builds a DIM of any widths from ``encoder`` (channels of
+    each block's 3×3 convs) and ``decoder`` (5×5 channels, deepest first)."""
 
-    name: str = "dim_student"  # dim_teacher | dim_student | timm
-    adapters: bool = False  # dim_student only: the papers' four 1×1 adapters
+    name: str = "dim_student"  # dim_teacher | dim_student | dim | timm
+    adapters: bool = False  # dim_student: the papers' four 1×1 adapters
+    encoder_channels: list[list[int]] | None = None  # dim only
+    decoder_channels_dim: list[int] | None = None  # dim only
+    adapter_channels: list[int] | None = None  # dim only: adapters of blocks 2–5
     encoder: str = "resnet18"  # timm only
     decoder_channels: int = 64  # timm only
     pretrained: bool = False  # timm only; needs weights available locally
@@ -118,9 +129,16 @@ class MattingTask:
             return dim_teacher()
         if model.name == "dim_student":
             return dim_student(adapters=model.adapters)
+        if model.name == "dim":
+            if not model.encoder_channels or not model.decoder_channels_dim:
+                raise ConfigError("model.name 'dim' needs model.encoder_channels and "
+                                  "model.decoder_channels_dim")
+            spec = DIMSpec(tuple(tuple(block) for block in model.encoder_channels),
+                           tuple(model.decoder_channels_dim))
+            return DIM(spec, adapter_channels=model.adapter_channels)
         if model.name == "timm":
             return TimmMatting(model.encoder, model.decoder_channels, model.pretrained)
-        raise ConfigError(f"model.name must be dim_teacher, dim_student or timm, got "
+        raise ConfigError(f"model.name must be dim_teacher, dim_student, dim or timm, got "
                           f"{model.name!r}")
 
     def datasets(self, spec: dict[str, Any]) -> tuple[Dataset, Dataset]:

@@ -1,0 +1,58 @@
+"""Export a finished run's weights as float16 safetensors plus a JSON record.
+
+    python -m tasks.matting.pretrained.export RUN_DIR NAME --command "..."
+
+writes ``tasks/matting/pretrained/NAME.safetensors`` and ``NAME.json`` (the command, the
+run's config and seed, its last evaluation, training time, library versions, date)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from kdkit.train import load_checkpoint
+
+HERE = Path(__file__).parent
+
+
+def export(run_dir: Path, name: str, command: str) -> Path:
+    state = load_checkpoint(run_dir / "model.pt")["model"]
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous()
+               for k, v in state.items()}
+    target = HERE / f"{name}.safetensors"
+    save_file(tensors, target)
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    train = [r for r in log if r["kind"] == "train"]
+    record = {
+        "command": command,
+        "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+        "final_eval": [r for r in log if r["kind"] == "eval"][-1],
+        "mean_ms_per_step": sum(r["ms_per_step"] for r in train) / len(train),
+        "parameters": sum(v.numel() for v in state.values() if v.is_floating_point()),
+        "bytes": target.stat().st_size,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (HERE / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("name")
+    parser.add_argument("--command", required=True, help="the command that trained the run")
+    args = parser.parse_args()
+    print(f"wrote {export(args.run_dir, args.name, args.command)}")
+
+
+if __name__ == "__main__":
+    main()
