@@ -14,7 +14,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/kdkit demo
+	$(BIN)/kdkit compare tasks/matting/configs/compare/tiny.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -33,7 +33,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
         cases = [c for c in cases if any(c.name.startswith(f"{crop}²") for crop in args.crops)]
     results, ceilings = bench.run_benchmarks(device, batch, args.repeats, backends,
                                              args.accumulate, cases)
-    command = "kdkit bench kernels " + " ".join(sys.argv[3:] if args.argv is None else args.argv)
+    command = "kdkit " + " ".join(args.argv)
     md, csv_path = bench.write_report(results, ceilings, device, Path(args.out),
                                       command.strip(), batch)
     print(md.read_text())
@@ -88,6 +88,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from kdkit.compare import load_compare_config, run_compare
+    from kdkit.task import load_task
+
+    overrides = list(args.set or []) + ([f"out_dir={args.out}"] if args.out else [])
+    config = load_compare_config(args.config, overrides)
+    config.report.setdefault("command", "kdkit " + " ".join(args.argv))
+    run_compare(config, load_task(config.task), args.w2, progress=not args.quiet)
+    return 0
+
+
 def _data_synth(args: argparse.Namespace) -> int:
     from kdkit.task import load_task
 
@@ -135,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--crops", nargs="+", type=int, choices=[320, 640, 1024],
                          help="only these crop sizes (default: all)")
     kernels.add_argument("--out", default="docs/benchmarks", help="report folder")
-    kernels.set_defaults(run=_bench_kernels, argv=None)
+    kernels.set_defaults(run=_bench_kernels)
 
     train = commands.add_parser("train", help="train (or distil) a model from a run config")
     _add_run_arguments(train, checkpoint=False)
@@ -155,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", required=True, help="folder for the predictions")
     predict.set_defaults(run=_predict)
 
+    compare = commands.add_parser(
+        "compare", help="train and evaluate every method of a comparison, write a report")
+    compare.add_argument("config", help="compare config (YAML)")
+    compare.add_argument("--set", nargs="+", metavar="KEY=VALUE",
+                         help="override config values, e.g. base.train.steps=50 seeds=[0,1]")
+    compare.add_argument("--out", help="output folder (overrides out_dir)")
+    compare.add_argument("--w2", nargs="+", type=float,
+                         help="sweep the distillation weight: every feature method is run "
+                              "with its term weights multiplied by each value")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    compare.set_defaults(run=_compare)
+
     data = commands.add_parser("data", help="data tools")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     synth = data_commands.add_parser("synth", help="write a synthetic dataset as PNG folders")
@@ -168,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.run(args)
 
 

@@ -47,6 +47,13 @@ class Task(Protocol):
     def update_metrics(self, metrics: Any, prediction: Any, batch: Any) -> None:
         """Add one batch's predictions to ``metrics``."""
 
+    def flops_inputs(self, height: int, width: int) -> tuple:
+        """Model inputs of one sample at ``height × width`` (for counting FLOPs)."""
+
+    def example_panels(self, batch: Any, predictions: dict[str, Any]) -> list:
+        """For the report's example figure: ``(title, H×W or H×W×3 array in [0, 1])``
+        panels for the first sample of ``batch`` (inputs, truth, then each prediction)."""
+
     def predict(self, model: nn.Module, inputs: str, guides: str, output: str,
                 data: dict[str, Any], device: torch.device) -> list:
         """Optional (``kdkit predict``): run ``model`` on files or folders, write results

@@ -197,8 +197,8 @@ def _log(path: Path, record: dict) -> None:
 def _build_teacher(task: Task, run: RunConfig, device: torch.device) -> nn.Module:
     if not run.teacher or "model" not in run.teacher or "checkpoint" not in run.teacher:
         raise ValueError(
-            "a run with distillation terms needs 'teacher: {model: {...}, checkpoint: PATH}' "
-            "(train the teacher first with its own config)"
+            "a run with a teacher or distillation terms needs 'teacher: {model: {...}, "
+            "checkpoint: PATH}' (train the teacher first with its own config)"
         )
     teacher = task.build_model(run.teacher["model"])
     return load_weights(teacher, run.teacher["checkpoint"]).to(device)
@@ -220,8 +220,10 @@ def train(run: RunConfig, task: Task, resume: bool = True, progress: bool = True
                         pin_memory=device.type == "cuda")
     distiller = None
     module: nn.Module = model
+    teacher = _build_teacher(task, run, device) if run.teacher or run.distillation else None
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
     if run.distillation:
-        teacher = _build_teacher(task, run, device)
         example = to_device(next(iter(DataLoader(train_set, batch_size=2))), device)
         distiller = Distiller(teacher, model, run.distillation,
                               example_inputs=task.model_inputs(example))
@@ -265,6 +267,9 @@ def train(run: RunConfig, task: Task, resume: bool = True, progress: bool = True
                 terms = {k: v for k, v in out.losses.items() if k != "total"}
             else:
                 prediction, teacher_prediction, terms = model(*inputs), None, {}
+                if teacher is not None:  # a teacher for the task losses alone (Hinton)
+                    with torch.no_grad():
+                        teacher_prediction = teacher(*inputs)
             terms = {**task.losses(prediction, batch, teacher_prediction, run.loss), **terms}
         total = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)

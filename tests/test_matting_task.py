@@ -118,6 +118,13 @@ def test_distillation_run_with_teacher_checkpoint(tmp_path):
                                                         "ms_per_step"))
     assert last["total"] == pytest.approx(parts, rel=1e-5)
 
+    hinton_cfg = {key: value for key, value in student_cfg.items() if key != "distillation"}
+    config = write_config(tmp_path / "hinton.yaml", hinton_cfg)  # teacher alpha, no features
+    assert main(["train", config, "--out", str(tmp_path / "hinton"), "--quiet"]) == 0
+    last = records(tmp_path / "hinton", "train")[-1]
+    assert last["teacher_alpha"] > 0 and last["total"] == pytest.approx(
+        last["alpha"] + last["teacher_alpha"], rel=1e-5)
+
 
 def test_config_errors_are_clear(tmp_path):
     bad = {**TINY, "loss": {"alpha": 1.0, "composite": 0.5}}

@@ -38,7 +38,7 @@ from tasks.matting.models import (
     network_input,
 )
 
-__all__ = ["MattingModel", "MattingData", "MattingLoss", "MattingTask"]
+__all__ = ["MattingModel", "MattingData", "MattingLoss", "MattingTask", "with_known_regions"]
 
 
 @dataclass
@@ -100,6 +100,12 @@ class _CanonicalTrimap:
             trimap = out["trimap"]
             out["trimap"] = torch.where(trimap == self.unknown_value, UNKNOWN, trimap)
         return out
+
+
+def with_known_regions(alpha: torch.Tensor, trimap: torch.Tensor) -> torch.Tensor:
+    """``B×1×H×W`` alpha with the trimap's definite background (0) and foreground (255)
+    pixels set to 0 and 1."""
+    return torch.where(trimap == 0, 0.0, torch.where(trimap == 255, 1.0, alpha))
 
 
 def _folder_pairs(images: str, trimaps: str) -> list[tuple[Path, Path]]:
@@ -207,6 +213,21 @@ class MattingTask:
     def update_metrics(self, metrics, prediction, batch) -> None:
         metrics.update(prediction, batch["alpha"], batch["trimap"])
 
+    def flops_inputs(self, height: int, width: int) -> tuple[torch.Tensor]:
+        return (torch.zeros(1, 4, height, width),)
+
+    def example_panels(self, batch, predictions) -> list[tuple[str, np.ndarray]]:
+        """Image, trimap, ground truth, then each prediction with the trimap's known pixels
+        filled in (as ``predict`` writes them; the metrics only see the unknown region)."""
+        def gray(tensor):
+            return tensor[0, 0].float().clamp(0, 1).cpu().numpy()
+
+        trimap = batch["trimap"]
+        panels = [("image", batch["image"][0].permute(1, 2, 0).float().cpu().numpy()),
+                  ("trimap", gray(trimap / 255)), ("ground truth", gray(batch["alpha"]))]
+        return panels + [(name, gray(with_known_regions(alpha, trimap)))
+                         for name, alpha in predictions.items()]
+
     @torch.no_grad()
     def predict(self, model: nn.Module, images: str, trimaps: str, output: str,
                 data: dict[str, Any], device: torch.device) -> list[Path]:
@@ -226,8 +247,7 @@ class MattingTask:
                                  f"{image_path} is {image.shape[1]}×{image.shape[0]}")
             x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).to(device)
             t = torch.from_numpy(trimap)[None, None].float().to(device)
-            alpha = model(network_input(x, t))[0, 0].float().cpu().numpy()
-            alpha = np.where(trimap == 0, 0.0, np.where(trimap == 255, 1.0, alpha))
+            alpha = with_known_regions(model(network_input(x, t)), t)[0, 0].float().cpu().numpy()
             target = out_dir / f"{image_path.stem}.png"
             if not cv2.imwrite(str(target), np.round(alpha * 255).astype(np.uint8)):
                 raise OSError(f"could not write {target}")

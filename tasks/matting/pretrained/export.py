@@ -35,7 +35,7 @@ def export(run_dir: Path, name: str, command: str) -> Path:
         "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
         "final_eval": [r for r in log if r["kind"] == "eval"][-1],
         "mean_ms_per_step": sum(r["ms_per_step"] for r in train) / len(train),
-        "parameters": sum(v.numel() for v in state.values() if v.is_floating_point()),
+        "values_in_state_dict": sum(v.numel() for v in state.values()),
         "bytes": target.stat().st_size,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,

@@ -1,0 +1,206 @@
+"""``kdkit compare``: train a teacher and many student methods over seeds, evaluate them on
+one test set, and write a report (:mod:`kdkit.report`).
+
+A compare config names the task, a ``base`` run (the student's model, data, loss and
+training), the ``teacher`` (a ``checkpoint``, or ``train:`` settings to train it here), the
+``methods`` (each a set of overrides of the base: ``loss``, ``distillation``, ``model``,
+``train``), the ``seeds`` and the ``baseline`` method. Every method and seed is a normal
+run folder under ``out_dir/<method>/seed<k>``: finished runs are reused and interrupted
+ones resume, so running the command again continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from kdkit.config import ConfigError, from_mapping, load_yaml, run_config_from_mapping
+from kdkit.task import Task
+from kdkit.train import load_weights, resolve_device, to_device, train
+
+__all__ = ["CompareConfig", "load_compare_config", "method_runs", "run_compare"]
+
+
+@dataclass
+class CompareConfig:
+    """A comparison: see the module docstring."""
+
+    task: str
+    out_dir: str
+    base: dict[str, Any]
+    teacher: dict[str, Any]
+    methods: dict[str, Any] | str
+    seeds: list[int] = field(default_factory=lambda: [0])
+    baseline: str = "student"
+    only: list[str] | None = None  # run just these methods, in this order
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` merged in: mappings recursively, anything else replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
+    """A :class:`CompareConfig` from YAML; ``methods`` may name another YAML file (relative
+    to this one). Overrides (``KEY=VALUE``) apply to the whole config."""
+    from kdkit.config import apply_overrides
+
+    path = Path(path)
+    data = apply_overrides(load_yaml(path), overrides or [])
+    config = from_mapping(CompareConfig, data, str(path))
+    if isinstance(config.methods, str):
+        config.methods = load_yaml(path.parent / config.methods)
+    if not isinstance(config.methods, dict) or not config.methods:
+        raise ConfigError(f"{path}: methods must be a non-empty mapping of name → overrides")
+    if config.only is not None:
+        missing = [name for name in config.only if name not in config.methods]
+        if missing:
+            raise ConfigError(f"{path}: only names unknown methods {missing}; known: "
+                              f"{', '.join(config.methods)}")
+        config.methods = {name: config.methods[name] for name in config.only}
+    if config.baseline not in config.methods:
+        raise ConfigError(f"{path}: baseline {config.baseline!r} is not among the methods: "
+                          f"{', '.join(config.methods)}")
+    return config
+
+
+def _run_dir(config: CompareConfig, method: str, seed: int) -> Path:
+    return Path(config.out_dir) / method.replace(" ", "_") / f"seed{seed}"
+
+
+def teacher_run(config: CompareConfig):
+    """The teacher's run config when the teacher is trained here, else ``None``."""
+    spec = config.teacher
+    if "checkpoint" in spec:
+        return None
+    data = deep_merge(config.base, {"loss": spec.get("loss", {}), "train": spec.get("train", {})})
+    data.update(task=config.task, model=spec["model"],
+                out_dir=str(Path(config.out_dir) / "teacher"))
+    return run_config_from_mapping(data, "teacher")
+
+
+def teacher_checkpoint(config: CompareConfig) -> str:
+    if "model" not in config.teacher:
+        raise ConfigError("teacher needs 'model' and either 'checkpoint' or 'train'")
+    if "checkpoint" in config.teacher:
+        return config.teacher["checkpoint"]
+    return str(Path(config.out_dir) / "teacher" / "model.pt")
+
+
+def method_runs(config: CompareConfig, w2: float | None = None) -> list[tuple[str, int, Any]]:
+    """(method name, seed, run config) for every method and seed; with ``w2`` the
+    distillation weights of every method with feature terms are multiplied by it and its
+    name gains ``@w2=<value>``."""
+    runs = []
+    for name, spec in config.methods.items():
+        spec = spec or {}
+        has_terms = bool(spec.get("distillation"))
+        label = f"{name}@w2={w2:g}" if w2 is not None and has_terms else name
+        for seed in config.seeds:
+            data = deep_merge(config.base, spec)
+            data.update(task=config.task, out_dir=str(_run_dir(config, label, seed)))
+            data.setdefault("train", {})["seed"] = seed
+            if has_terms:
+                data["teacher"] = {"model": config.teacher["model"],
+                                   "checkpoint": teacher_checkpoint(config)}
+                if w2 is not None:
+                    for term in data["distillation"]:
+                        term["weight"] = term.get("weight", 1.0) * w2
+            elif spec.get("loss", {}).get("teacher_alpha"):
+                data["teacher"] = {"model": config.teacher["model"],
+                                   "checkpoint": teacher_checkpoint(config)}
+            runs.append((label, seed, run_config_from_mapping(data, f"methods.{name}")))
+    return runs
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    log = run_dir / "log.jsonl"
+    if not (run_dir / "model.pt").exists() or not log.exists():
+        return False
+    evals = [json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line]
+    return any(r["step"] == steps for r in evals)
+
+
+@torch.no_grad()
+def per_image_metrics(task: Task, model, dataset, run, device) -> list[dict[str, float]]:
+    """Each test image's metrics (a fresh metric per image), in dataset order."""
+    model.eval()
+    values = []
+    for batch in DataLoader(dataset, batch_size=1, num_workers=run.train.num_workers):
+        batch = to_device(batch, device)
+        metrics = task.metrics(run.metrics).to(device)
+        task.update_metrics(metrics, model(*task.model_inputs(batch)), batch)
+        values.append({k: float(v) for k, v in metrics.compute().items()})
+    return values
+
+
+def _evaluate_cached(task, model_path, run, device, eval_set, cache: Path):
+    if cache.exists():
+        return json.loads(cache.read_text())
+    model = load_weights(task.build_model(run.model), model_path).to(device)
+    values = per_image_metrics(task, model, eval_set, run, device)
+    cache.write_text(json.dumps(values))
+    return values
+
+
+def run_compare(config: CompareConfig, task: Task, w2_values: list[float] | None = None,
+                progress: bool = True) -> Path:
+    """Train what is missing, evaluate everything per image, write the report; returns the
+    report folder."""
+    from kdkit.report import ModelResult, write_compare_report
+
+    teacher = teacher_run(config)
+    if teacher is not None and not _finished(Path(teacher.out_dir), teacher.train.steps):
+        if progress:
+            print(f"training the teacher → {teacher.out_dir}")
+        train(teacher, task, progress=progress)
+    runs = []
+    for w2 in (w2_values or [None]):
+        for label, seed, run in method_runs(config, w2):
+            if label in {r[0] for r in runs if r[1] == seed}:
+                continue  # methods without feature terms are shared across w2 values
+            runs.append((label, seed, run))
+    for label, seed, run in runs:
+        if _finished(Path(run.out_dir), run.train.steps):
+            if progress:
+                print(f"reusing {run.out_dir}")
+            continue
+        if progress:
+            print(f"training {label} (seed {seed}) → {run.out_dir}")
+        train(run, task, progress=progress)
+
+    first = runs[0][2]
+    device = resolve_device(first.train.device)
+    _, eval_set = task.datasets(first.data)
+    results = []
+    teacher_model_spec = config.teacher["model"]
+    teacher_cache = Path(config.out_dir) / "teacher_per_image.json"
+    teacher_config = copy.copy(first)
+    teacher_config.model = teacher_model_spec
+    results.append(ModelResult(
+        "teacher", 0, teacher_model_spec,
+        _evaluate_cached(task, teacher_checkpoint(config), teacher_config, device, eval_set,
+                         teacher_cache),
+        None if teacher is None else Path(teacher.out_dir), teacher=True))
+    for label, seed, run in runs:
+        run_dir = Path(run.out_dir)
+        results.append(ModelResult(
+            label, seed, run.model,
+            _evaluate_cached(task, run_dir / "model.pt", run, device, eval_set,
+                             run_dir / "per_image.json"),
+            run_dir))
+    return write_compare_report(config, task, results, teacher_checkpoint(config), eval_set,
+                                device)

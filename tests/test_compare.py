@@ -1,0 +1,97 @@
+"""A two-method, one-seed, few-step comparison on the CPU writes every report file."""
+
+import csv
+
+import numpy as np
+import pytest
+import yaml
+
+from kdkit.cli import main
+from kdkit.compare import load_compare_config, method_runs
+from kdkit.config import ConfigError
+from kdkit.report import bootstrap_interval
+
+NARROW = {"name": "dim", "encoder_channels": [[4], [8], [8], [16], [16]],
+          "decoder_channels_dim": [16, 8, 8, 4, 1], "adapter_channels": [16, 16, 16, 16]}
+TEACHER = {"name": "dim", "encoder_channels": [[8], [16], [16], [16], [16]],
+           "decoder_channels_dim": [16, 16, 16, 8, 1]}
+METHODS = {
+    "student": {"loss": {"alpha": 1.0}},
+    "spatial+channel": {
+        "loss": {"alpha": 0.5, "teacher_alpha": 0.5},
+        "distillation": [{"loss": "spatial_channel_similarity", "student": f"conv{k}.adapter",
+                          "teacher": f"conv{k}.out"} for k in (2, 3, 4, 5)],
+    },
+}
+
+
+def compare_config(tmp_path, **extra):
+    config = {
+        "task": "matting",
+        "out_dir": str(tmp_path / "cmp"),
+        "seeds": [0],
+        "methods": "methods.yaml",
+        "report": {"examples": 2, "flops_size": [64, 64], "smoke_scale": True},
+        "teacher": {"model": TEACHER, "train": {"steps": 3}},
+        "base": {
+            "model": NARROW,
+            "data": {"kind": "synthetic", "train_length": 16, "test_length": 3, "size": 48,
+                     "crop_sizes": [32], "output_size": 32},
+            "train": {"steps": 4, "batch_size": 4, "log_every": 2, "checkpoint_every": 2},
+        },
+        **extra,
+    }
+    (tmp_path / "methods.yaml").write_text(yaml.safe_dump(METHODS, sort_keys=False))
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_compare_writes_every_report_file_and_reuses_finished_runs(tmp_path, capsys):
+    path = compare_config(tmp_path)
+    assert main(["compare", str(path), "--quiet"]) == 0
+    report = tmp_path / "cmp" / "report"
+    for name in ("results.csv", "results.md", "metrics.png", "curves.png", "examples.png"):
+        assert (report / name).stat().st_size > 0, name
+    with open(report / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        ("teacher", "0"), ("student", "0"), ("spatial+channel", "0")]
+    assert {"SAD", "MSE", "Grad", "Conn", "params", "gflops", "train_ms_per_step"} <= set(rows[0])
+    table = (report / "results.md").read_text()
+    assert "Smoke-scale run" in table and "| spatial+channel |" in table
+    assert "ΔSAD vs student [95% CI]" in table
+    printed = capsys.readouterr().out
+    assert "| student |" in printed
+
+    # a second run reuses everything: no run folder changes
+    log = tmp_path / "cmp" / "student" / "seed0" / "log.jsonl"
+    before = log.read_text()
+    assert main(["compare", str(path), "--quiet"]) == 0
+    assert log.read_text() == before
+
+
+def test_w2_sweep_scales_feature_terms_and_names_runs(tmp_path):
+    config = load_compare_config(compare_config(tmp_path))
+    runs = {label: run for label, _, run in method_runs(config, w2=10.0)}
+    assert set(runs) == {"student", "spatial+channel@w2=10"}
+    assert [t.weight for t in runs["spatial+channel@w2=10"].distillation] == [10.0] * 4
+    assert runs["student"].distillation is None
+
+
+def test_bad_compare_configs_are_explained(tmp_path):
+    with pytest.raises(ConfigError, match="baseline 'plain'"):
+        load_compare_config(compare_config(tmp_path, baseline="plain"))
+    with pytest.raises(ConfigError, match="unknown methods"):
+        load_compare_config(compare_config(tmp_path, only=["student", "fitnet"]))
+
+
+def test_bootstrap_interval():
+    constant = np.full(20, 0.5)
+    assert bootstrap_interval(constant) == (0.5, 0.5)
+    rng = np.random.default_rng(1)
+    values = rng.normal(1.0, 2.0, size=400)
+    lo, hi = bootstrap_interval(values)
+    half_width = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
+    assert lo == pytest.approx(values.mean() - half_width, abs=0.03)
+    assert hi == pytest.approx(values.mean() + half_width, abs=0.03)
