@@ -153,13 +153,25 @@ class DIM(nn.Module):
         self.depth = len(spec.encoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, tie_unpooling=False)
+
+    def pruning_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same output, with each unpooling input tied (``+ 0·pooled``) to the pooled
+        encoder feature whose indices it uses: the channel coupling that the integer indices
+        hide from autograd, made visible for Torch-Pruning's tracing
+        (:func:`kdkit.pruning.prune_channels`)."""
+        return self._run(x, tie_unpooling=True)
+
+    def _run(self, x: torch.Tensor, tie_unpooling: bool) -> torch.Tensor:
         x, (h, w) = pad_to_multiple(x)
         trail = []
         for k in range(1, self.depth + 1):
             x, indices, size = getattr(self, f"conv{k}")(x)
-            trail.append((indices, size))
+            trail.append((x, indices, size))
         for k in range(self.depth, 0, -1):
-            indices, size = trail[k - 1]
+            pooled, indices, size = trail[k - 1]
+            if tie_unpooling:
+                x = x + 0 * pooled
             x = getattr(self, f"deconv{k}")(x, indices, size)
         return torch.sigmoid(x)[..., :h, :w]
 
