@@ -61,12 +61,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _load_trained(args: argparse.Namespace):
     from kdkit.task import load_task
-    from kdkit.train import load_weights, resolve_device
+    from kdkit.train import build_model, load_weights, resolve_device
 
     run = _run_config(args)
     task = load_task(run.task)
     device = resolve_device(run.train.device)
-    model = load_weights(task.build_model(run.model), args.checkpoint).to(device).eval()
+    model = load_weights(build_model(task, run.model), args.checkpoint).to(device).eval()
     return run, task, model, device
 
 
@@ -96,6 +96,17 @@ def _compare(args: argparse.Namespace) -> int:
     config = load_compare_config(args.config, overrides)
     config.report.setdefault("command", "kdkit " + " ".join(args.argv))
     run_compare(config, load_task(config.task), args.w2, progress=not args.quiet)
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from kdkit.config import load_yaml
+    from kdkit.dcp import prune_run
+    from kdkit.task import load_task
+
+    spec = load_yaml(args.config)
+    task = load_task(spec.get("task", "") if isinstance(spec, dict) else "")
+    prune_run(spec, task, Path(args.config).parent, progress=not args.quiet)
     return 0
 
 
@@ -177,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "with its term weights multiplied by each value")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     compare.set_defaults(run=_compare)
+
+    prune = commands.add_parser(
+        "prune", help="DCP: sparsify (train) a student, prune its channels, save it")
+    prune.add_argument("config", help="prune config (YAML)")
+    prune.add_argument("--quiet", action="store_true", help="no progress bars")
+    prune.set_defaults(run=_prune)
 
     data = commands.add_parser("data", help="data tools")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from kdkit.config import ConfigError, from_mapping, load_yaml, run_config_from_mapping
 from kdkit.task import Task
-from kdkit.train import load_weights, resolve_device, to_device, train
+from kdkit.train import build_model, load_weights, resolve_device, to_device, train
 
 __all__ = ["CompareConfig", "load_compare_config", "method_runs", "run_compare"]
 
@@ -150,7 +150,7 @@ def per_image_metrics(task: Task, model, dataset, run, device) -> list[dict[str,
 def _evaluate_cached(task, model_path, run, device, eval_set, cache: Path):
     if cache.exists():
         return json.loads(cache.read_text())
-    model = load_weights(task.build_model(run.model), model_path).to(device)
+    model = load_weights(build_model(task, run.model), model_path).to(device)
     values = per_image_metrics(task, model, eval_set, run, device)
     cache.write_text(json.dumps(values))
     return values

@@ -158,7 +158,10 @@ class RunConfig:
     """A training/evaluation run: which task, model, data, losses, and how to train.
 
     ``teacher`` (``{model: {...}, checkpoint: PATH}``) and ``distillation`` (a list of
-    :class:`DistillTerm` mappings) turn the run into distillation."""
+    :class:`DistillTerm` mappings) turn the run into distillation. ``sparsity`` (module-name
+    prefix → λ) starts the model from ``γ = 0.5, β = 0`` (frozen) and adds
+    ``Σ λ·|γ|`` (DCP's sparsify step). ``model`` may name a pruned model:
+    ``{pruned: PATH, reinit: false, <the unpruned model's spec>}``."""
 
     task: str
     model: dict[str, Any]
@@ -169,6 +172,7 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     teacher: dict[str, Any] | None = None
     distillation: list[DistillTerm] | None = None
+    sparsity: dict[str, float] | None = None  # BN-γ L1 weight per module-name prefix (DCP)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (YAML-safe), the inverse of :func:`run_config_from_mapping`."""

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from kdkit.train import load_weights, to_device  # noqa: E402
+from kdkit.train import build_model, load_weights, to_device  # noqa: E402
 
 __all__ = ["ModelResult", "bootstrap_interval", "write_compare_report"]
 
@@ -79,7 +79,7 @@ def _ms_per_step(run_dir: Path | None) -> float | None:
 
 def _model_cost(task, spec: dict, size: tuple[int, int]) -> tuple[int, float]:
     """(parameters, GFLOPs of one forward at ``size``), counted on the CPU."""
-    model = task.build_model(spec).eval()
+    model = build_model(task, spec).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(*task.flops_inputs(*size))
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 1e9
@@ -145,7 +145,7 @@ def _figure_curves(path: Path, results: list[ModelResult]) -> None:
 def _figure_examples(path: Path, task, shown: dict[str, tuple[dict, str]], eval_set,
                      device, count: int) -> None:
     """A grid: one row per test image, the task's panels (input, truth, each model)."""
-    models = {label: load_weights(task.build_model(spec), weights).to(device).eval()
+    models = {label: load_weights(build_model(task, spec), weights).to(device).eval()
               for label, (spec, weights) in shown.items()}
     rows = []
     loader = DataLoader(eval_set, batch_size=1)

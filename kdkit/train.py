@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from kdkit.config import RunConfig
 from kdkit.distiller import Distiller
+from kdkit.pruning import bn_l1_penalty, load_pruned, prepare_for_sparsity
 from kdkit.task import Task
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "load_checkpoint",
     "load_weights",
     "resolve_path",
+    "build_model",
     "evaluate",
     "train",
     "to_device",
@@ -194,13 +196,29 @@ def _log(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def build_model(task: Task, spec: dict[str, Any]) -> nn.Module:
+    """The task's model for ``spec``; with ``pruned: PATH`` the unpruned model resized to
+    that pruned model's channels and loaded with its weights, re-initialised when
+    ``reinit: true`` (the DCP paper's retraining) or inherited otherwise."""
+    spec = dict(spec)
+    pruned, reinit = spec.pop("pruned", None), spec.pop("reinit", False)
+    if pruned is None:
+        return task.build_model(spec)
+    model = load_pruned(lambda: task.build_model(spec), resolve_path(pruned))
+    if reinit:
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return model
+
+
 def _build_teacher(task: Task, run: RunConfig, device: torch.device) -> nn.Module:
     if not run.teacher or "model" not in run.teacher or "checkpoint" not in run.teacher:
         raise ValueError(
             "a run with a teacher or distillation terms needs 'teacher: {model: {...}, "
             "checkpoint: PATH}' (train the teacher first with its own config)"
         )
-    teacher = task.build_model(run.teacher["model"])
+    teacher = build_model(task, run.teacher["model"])
     return load_weights(teacher, run.teacher["checkpoint"]).to(device)
 
 
@@ -212,7 +230,9 @@ def train(run: RunConfig, task: Task, resume: bool = True, progress: bool = True
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
     torch.manual_seed(settings.seed)
-    model = task.build_model(run.model).to(device)
+    model = build_model(task, run.model).to(device)
+    if run.sparsity:
+        prepare_for_sparsity(model)
     train_set, eval_set = task.datasets(run.data)
     sampler = ResumableSampler(len(train_set), settings.seed)
     loader = DataLoader(train_set, batch_size=settings.batch_size, sampler=sampler,
@@ -271,6 +291,8 @@ def train(run: RunConfig, task: Task, resume: bool = True, progress: bool = True
                     with torch.no_grad():
                         teacher_prediction = teacher(*inputs)
             terms = {**task.losses(prediction, batch, teacher_prediction, run.loss), **terms}
+            if run.sparsity:
+                terms["bn_l1"] = bn_l1_penalty(model, run.sparsity)
         total = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
