@@ -4,7 +4,8 @@ one test set, and write a report (:mod:`kdkit.report`).
 A compare config names the task, a ``base`` run (the student's model, data, loss and
 training), the ``teacher`` (a ``checkpoint``, or ``train:`` settings to train it here), the
 ``methods`` (each a set of overrides of the base: ``loss``, ``distillation``, ``model``,
-``train``), the ``seeds`` and the ``baseline`` method. Every method and seed is a normal
+``train``; or with ``prune:``, a DCP method that sparsifies and prunes first), the
+``seeds`` and the ``baseline`` method. Every method and seed is a normal
 run folder under ``out_dir/<method>/seed<k>``: finished runs are reused and interrupted
 ones resume, so running the command again continues where it stopped.
 """
@@ -21,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdkit.config import ConfigError, from_mapping, load_yaml, run_config_from_mapping
+from kdkit.dcp import prune_run
 from kdkit.task import Task
 from kdkit.train import build_model, load_weights, resolve_device, to_device, train
 
@@ -100,29 +102,55 @@ def teacher_checkpoint(config: CompareConfig) -> str:
     return str(Path(config.out_dir) / "teacher" / "model.pt")
 
 
-def method_runs(config: CompareConfig, w2: float | None = None) -> list[tuple[str, int, Any]]:
-    """(method name, seed, run config) for every method and seed; with ``w2`` the
-    distillation weights of every method with feature terms are multiplied by it and its
-    name gains ``@w2=<value>``."""
+def _with_teacher(config: CompareConfig, data: dict) -> dict:
+    """Give a run the teacher when its losses or terms need one."""
+    if data.get("distillation") or data.get("loss", {}).get("teacher_alpha"):
+        data["teacher"] = {"model": config.teacher["model"],
+                           "checkpoint": teacher_checkpoint(config)}
+    return data
+
+
+def _prune_job(config: CompareConfig, spec: dict, run_dir: Path, seed: int) -> tuple:
+    """(prune config for :func:`kdkit.dcp.prune_run`, the pruned model's spec) of a
+    method with a ``prune:`` block: ``{sparse: <overrides of base for the sparsify run>,
+    fractions, ignored, input_size, reinit}``."""
+    prune = dict(spec)
+    overrides = dict(prune.pop("sparse", {}))
+    sparse = deep_merge(config.base, {k: v for k, v in overrides.items() if k != "model"})
+    if "model" in overrides:  # a model is replaced whole, never merged with the base's
+        sparse["model"] = copy.deepcopy(overrides["model"])
+    sparse.update(task=config.task, out_dir=str(run_dir / "sparse"))
+    sparse.setdefault("train", {})["seed"] = seed
+    reinit = prune.pop("reinit", True)
+    job = {"task": config.task, "sparse": _with_teacher(config, sparse),
+           "output": str(run_dir / "pruned.pt"), **prune}
+    return job, {**sparse["model"], "pruned": job["output"], "reinit": reinit}
+
+
+def method_runs(config: CompareConfig, w2: float | None = None) -> list[tuple]:
+    """(method name, seed, run config, prune job or None) for every method and seed.
+    With ``w2`` the distillation weights of every method with feature terms are multiplied
+    by it and its name gains ``@w2=<value>``. A method with ``prune:`` first sparsifies and
+    prunes (DCP), then trains the pruned model with its own loss and terms."""
     runs = []
     for name, spec in config.methods.items():
-        spec = spec or {}
+        spec = dict(spec or {})
+        prune = spec.pop("prune", None)
         has_terms = bool(spec.get("distillation"))
         label = f"{name}@w2={w2:g}" if w2 is not None and has_terms else name
         for seed in config.seeds:
+            run_dir = _run_dir(config, label, seed)
             data = deep_merge(config.base, spec)
-            data.update(task=config.task, out_dir=str(_run_dir(config, label, seed)))
+            data.update(task=config.task, out_dir=str(run_dir))
             data.setdefault("train", {})["seed"] = seed
-            if has_terms:
-                data["teacher"] = {"model": config.teacher["model"],
-                                   "checkpoint": teacher_checkpoint(config)}
-                if w2 is not None:
-                    for term in data["distillation"]:
-                        term["weight"] = term.get("weight", 1.0) * w2
-            elif spec.get("loss", {}).get("teacher_alpha"):
-                data["teacher"] = {"model": config.teacher["model"],
-                                   "checkpoint": teacher_checkpoint(config)}
-            runs.append((label, seed, run_config_from_mapping(data, f"methods.{name}")))
+            job = None
+            if prune is not None:
+                job, data["model"] = _prune_job(config, prune, run_dir, seed)
+            _with_teacher(config, data)
+            if has_terms and w2 is not None:
+                for term in data["distillation"]:
+                    term["weight"] = term.get("weight", 1.0) * w2
+            runs.append((label, seed, run_config_from_mapping(data, f"methods.{name}"), job))
     return runs
 
 
@@ -167,17 +195,23 @@ def run_compare(config: CompareConfig, task: Task, w2_values: list[float] | None
         if progress:
             print(f"training the teacher → {teacher.out_dir}")
         train(teacher, task, progress=progress)
-    runs = []
+    runs, jobs = [], {}
     for w2 in (w2_values or [None]):
-        for label, seed, run in method_runs(config, w2):
+        for label, seed, run, job in method_runs(config, w2):
             if label in {r[0] for r in runs if r[1] == seed}:
                 continue  # methods without feature terms are shared across w2 values
             runs.append((label, seed, run))
+            jobs[run.out_dir] = job
     for label, seed, run in runs:
         if _finished(Path(run.out_dir), run.train.steps):
             if progress:
                 print(f"reusing {run.out_dir}")
             continue
+        job = jobs[run.out_dir]
+        if job is not None and not Path(job["output"]).exists():
+            if progress:
+                print(f"sparsifying and pruning {label} (seed {seed})")
+            prune_run(job, task, progress=progress)
         if progress:
             print(f"training {label} (seed {seed}) → {run.out_dir}")
         train(run, task, progress=progress)

@@ -16,6 +16,7 @@ reinit: true|false, ...}``.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ def prune_run(spec: dict[str, Any], task: Task, base_dir: Path = Path("."),
     sparse = config.sparse
     if isinstance(sparse, str):
         sparse = load_yaml(base_dir / sparse)
-    run = run_config_from_mapping(sparse, "sparse")
+    run = run_config_from_mapping(copy.deepcopy(sparse), "sparse")
     weights = Path(run.out_dir) / "model.pt"
     if not weights.exists():
         train(run, task, progress=progress)

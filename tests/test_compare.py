@@ -73,7 +73,7 @@ def test_compare_writes_every_report_file_and_reuses_finished_runs(tmp_path, cap
 
 def test_w2_sweep_scales_feature_terms_and_names_runs(tmp_path):
     config = load_compare_config(compare_config(tmp_path))
-    runs = {label: run for label, _, run in method_runs(config, w2=10.0)}
+    runs = {label: run for label, _, run, _ in method_runs(config, w2=10.0)}
     assert set(runs) == {"student", "spatial+channel@w2=10"}
     assert [t.weight for t in runs["spatial+channel@w2=10"].distillation] == [10.0] * 4
     assert runs["student"].distillation is None
@@ -95,3 +95,30 @@ def test_bootstrap_interval():
     half_width = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
     assert lo == pytest.approx(values.mean() - half_width, abs=0.03)
     assert hi == pytest.approx(values.mean() + half_width, abs=0.03)
+
+
+def test_pruning_methods_sparsify_prune_and_retrain_inside_compare(tmp_path):
+    wide = {"name": "dim", "encoder_channels": [[8], [16], [16], [16], [16]],
+            "decoder_channels_dim": [16, 16, 16, 8, 1]}
+    dcp = {
+        "prune": {
+            "sparse": {"model": wide, "sparsity": {"conv": 1e-4, "deconv": 1e-5},
+                       "loss": {"alpha": 0.5, "teacher_alpha": 0.5},
+                       "distillation": [{"loss": "spatial_similarity", "student": "conv3.out",
+                                         "teacher": "conv3.out"}]},
+            "fractions": {"conv": 0.5, "deconv": 0.5}, "ignored": ["deconv1.conv"],
+            "input_size": [32, 32],
+        },
+        "loss": {"alpha": 0.5, "teacher_alpha": 0.5},
+    }
+    path = compare_config(tmp_path)
+    methods = {"student": METHODS["student"], "dcp": dcp}
+    (tmp_path / "methods.yaml").write_text(yaml.safe_dump(methods, sort_keys=False))
+    assert main(["compare", str(path), "--quiet"]) == 0
+    run_dir = tmp_path / "cmp" / "dcp" / "seed0"
+    assert (run_dir / "sparse" / "model.pt").exists() and (run_dir / "pruned.pt").exists()
+    with open(tmp_path / "cmp" / "report" / "results.csv") as handle:
+        rows = {r["method"]: r for r in csv.DictReader(handle)}
+    summary = yaml.safe_load((run_dir / "pruned.json").read_text())
+    assert int(rows["dcp"]["params"]) == summary["parameters"]["after"]
+    assert summary["parameters"]["after"] < summary["parameters"]["before"]
