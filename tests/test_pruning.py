@@ -16,7 +16,7 @@ from kdkit.pruning import (
     prune_channels,
     save_pruned,
 )
-from tasks.matting.models import DIM, DIMSpec
+from tasks.matting.models import DIM, DIMSpec, dim_teacher
 
 SPEC = DIMSpec(encoder=((8, 8), (16,), (16,), (16,), (16,)), decoder=(16, 16, 16, 8, 1))
 
@@ -52,6 +52,18 @@ def test_dim_prunes_unpool_coupled_channels_together_and_keeps_the_largest_gamma
     expected = original[original.argsort(descending=True)[: len(kept)].sort().values]
     torch.testing.assert_close(kept, expected)
     assert model(torch.randn(2, 4, 37, 45)).shape == (2, 1, 37, 45)
+
+
+def test_the_dim_teacher_halves_to_a_physically_smaller_network():
+    model = random_gammas(dim_teacher()).eval()
+    x = torch.randn(1, 4, 64, 64)
+    params, flops = count_parameters_and_flops(model, (x,))
+    assert params == 25_582_595
+    prune_channels(model, x, {"conv": 0.5, "deconv": 0.5}, ignored=[model.deconv1.conv])
+    pruned_params, pruned_flops = count_parameters_and_flops(model, (x,))
+    assert pruned_params == sum(p.numel() for p in model.parameters()) < 0.35 * params
+    assert pruned_flops < 0.35 * flops
+    assert model(torch.randn(1, 4, 40, 56)).shape == (1, 1, 40, 56)
 
 
 def test_timm_resnet_residual_coupling():
