@@ -19,12 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from kdkit.config import ConfigError, from_mapping, load_yaml, run_config_from_mapping
 from kdkit.dcp import prune_run
 from kdkit.task import Task
-from kdkit.train import build_model, load_weights, resolve_device, to_device, train
+from kdkit.train import (
+    WEIGHTS,
+    build_model,
+    load_weights,
+    metric_values,
+    read_log,
+    resolve_device,
+    test_batches,
+    train,
+)
 
 __all__ = ["CompareConfig", "load_compare_config", "method_runs", "run_compare"]
 
@@ -155,11 +163,9 @@ def method_runs(config: CompareConfig, w2: float | None = None) -> list[tuple]:
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
-    log = run_dir / "log.jsonl"
-    if not (run_dir / "model.pt").exists() or not log.exists():
-        return False
-    evals = [json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line]
-    return any(r["step"] == steps for r in evals)
+    """Whether the run saved its final weights and its final evaluation."""
+    return (run_dir / WEIGHTS).exists() and any(
+        r["step"] == steps for r in read_log(run_dir, "eval"))
 
 
 @torch.no_grad()
@@ -167,11 +173,10 @@ def per_image_metrics(task: Task, model, dataset, run, device) -> list[dict[str,
     """Each test image's metrics (a fresh metric per image), in dataset order."""
     model.eval()
     values = []
-    for batch in DataLoader(dataset, batch_size=1, num_workers=run.train.num_workers):
-        batch = to_device(batch, device)
+    for batch in test_batches(dataset, device, run.train.num_workers):
         metrics = task.metrics(run.metrics).to(device)
         task.update_metrics(metrics, model(*task.model_inputs(batch)), batch)
-        values.append({k: float(v) for k, v in metrics.compute().items()})
+        values.append(metric_values(metrics))
     return values
 
 

@@ -12,6 +12,7 @@ straddles 0 is not (at this test-set size and these seeds).
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import statistics
 from dataclasses import dataclass
@@ -24,10 +25,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from kdkit.train import build_model, load_weights, to_device  # noqa: E402
+from kdkit.train import build_model, load_weights, read_log, test_batches  # noqa: E402
 
 __all__ = ["ModelResult", "bootstrap_interval", "write_compare_report"]
 
@@ -63,16 +63,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _log_records(run_dir: Path | None, kind: str) -> list[dict]:
-    if run_dir is None or not (run_dir / "log.jsonl").exists():
-        return []
-    lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("kind") == kind]
-
-
 def _ms_per_step(run_dir: Path | None) -> float | None:
     """Median training ms/step over the logged intervals, the first (start-up) left out."""
-    times = [x["ms_per_step"] for x in _log_records(run_dir, "train")]
+    times = [x["ms_per_step"] for x in read_log(run_dir, "train")]
     times = times[1:] if len(times) > 1 else times
     return statistics.median(times) if times else None
 
@@ -128,7 +121,7 @@ def _figure_bars(path: Path, names, means, intervals, metric, baseline) -> None:
 def _figure_curves(path: Path, results: list[ModelResult]) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     for r in results:
-        records = _log_records(r.run_dir, "train")
+        records = read_log(r.run_dir, "train")
         if records and (r.seed == min(x.seed for x in results if x.name == r.name)):
             ax.plot([x["step"] for x in records], [x["total"] for x in records],
                     label=r.name, linewidth=1.2)
@@ -148,11 +141,7 @@ def _figure_examples(path: Path, task, shown: dict[str, tuple[dict, str]], eval_
     models = {label: load_weights(build_model(task, spec), weights).to(device).eval()
               for label, (spec, weights) in shown.items()}
     rows = []
-    loader = DataLoader(eval_set, batch_size=1)
-    for index, batch in enumerate(loader):
-        if index == count:
-            break
-        batch = to_device(batch, device)
+    for batch in itertools.islice(test_batches(eval_set, device), count):
         predictions = {label: m(*task.model_inputs(batch)) for label, m in models.items()}
         rows.append(task.example_panels(batch, predictions))
     columns = len(rows[0])
@@ -220,8 +209,8 @@ def write_compare_report(config, task, results: list[ModelResult], teacher_weigh
     better = [n for n, (_, lo, hi) in intervals.items() if hi < 0]
     worse = [n for n, (_, lo, hi) in intervals.items() if lo > 0]
     unresolved = [n for n, (_, lo, hi) in intervals.items() if lo <= 0 <= hi]
-    steps = {r.name: _log_records(r.run_dir, "train")[-1]["step"]
-             for r in results if _log_records(r.run_dir, "train")}
+    steps = {r.name: records[-1]["step"] for r in results
+             if (records := read_log(r.run_dir, "train"))}
     text = [f"# {settings['title']}", ""]
     if settings["smoke_scale"]:
         text += ["**Smoke-scale run.** Tiny models, tiny images and few steps on a CPU: it",

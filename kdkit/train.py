@@ -37,12 +37,16 @@ __all__ = [
     "resolve_path",
     "build_model",
     "evaluate",
+    "metric_values",
+    "read_log",
+    "test_batches",
     "train",
     "to_device",
 ]
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.pt"
+LOG = "log.jsonl"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -172,28 +176,48 @@ def _schedule(optimizer, run: RunConfig):
     raise ValueError(f"train.schedule must be 'cosine' or 'constant', got {run.train.schedule!r}")
 
 
-@torch.no_grad()
-def evaluate(task: Task, model: nn.Module, dataset: Dataset, run: RunConfig,
-             device: torch.device, progress: bool = True) -> dict[str, float]:
-    """Metrics of ``model`` over ``dataset`` (batch 1: evaluation images may differ in
-    size), as plain floats."""
-    was_training = model.training
-    model.eval()
-    metrics = task.metrics(run.metrics).to(device)
-    loader = DataLoader(dataset, batch_size=1, num_workers=run.train.num_workers)
+def test_batches(dataset: Dataset, device: torch.device, num_workers: int = 0,
+                 progress: bool = False) -> Iterator[Any]:
+    """A dataset's samples one per batch (evaluation images may differ in size), on
+    ``device``."""
+    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers)
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
-        batch = to_device(batch, device)
-        prediction = model(*task.model_inputs(batch))
-        task.update_metrics(metrics, prediction, batch)
-    model.train(was_training)
+        yield to_device(batch, device)
+
+
+def metric_values(metrics) -> dict[str, float]:
+    """A computed ``torchmetrics`` metric or collection as ``{name: float}``."""
     values = metrics.compute()
     values = values if isinstance(values, dict) else {"metric": values}
     return {name: float(value) for name, value in values.items()}
 
 
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module, dataset: Dataset, run: RunConfig,
+             device: torch.device, progress: bool = True) -> dict[str, float]:
+    """Metrics of ``model`` over ``dataset``, as plain floats."""
+    was_training = model.training
+    model.eval()
+    metrics = task.metrics(run.metrics).to(device)
+    for batch in test_batches(dataset, device, run.train.num_workers, progress):
+        task.update_metrics(metrics, model(*task.model_inputs(batch)), batch)
+    model.train(was_training)
+    return metric_values(metrics)
+
+
 def _log(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def read_log(run_dir: str | Path | None, kind: str) -> list[dict]:
+    """The ``kind`` ("train" or "eval") records of a run's ``log.jsonl``, in order; none
+    when the run has no log."""
+    path = None if run_dir is None else Path(run_dir) / LOG
+    if path is None or not path.exists():
+        return []
+    records = map(json.loads, path.read_text(encoding="utf-8").splitlines())
+    return [record for record in records if record.get("kind") == kind]
 
 
 def build_model(task: Task, spec: dict[str, Any]) -> nn.Module:
@@ -271,7 +295,7 @@ def train(run: RunConfig, task: Task, resume: bool = True, progress: bool = True
                      "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
                      "step": at, "rng": torch.get_rng_state()}, checkpoint_path)
 
-    log_path = out_dir / "log.jsonl"
+    log_path = out_dir / LOG
     batches = _batches(loader, sampler, settings.batch_size, step)
     module.train()
     bar = tqdm(range(step, settings.steps), initial=step, total=settings.steps,

@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from kdkit.train import load_checkpoint
+from kdkit.train import load_checkpoint, read_log
 
 HERE = Path(__file__).parent
 
@@ -28,12 +28,11 @@ def export(run_dir: Path, name: str, command: str) -> Path:
                for k, v in state.items()}
     target = HERE / f"{name}.safetensors"
     save_file(tensors, target)
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    train = [r for r in log if r["kind"] == "train"]
+    train = read_log(run_dir, "train")
     record = {
         "command": command,
         "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
-        "final_eval": [r for r in log if r["kind"] == "eval"][-1],
+        "final_eval": read_log(run_dir, "eval")[-1],
         "mean_ms_per_step": sum(r["ms_per_step"] for r in train) / len(train),
         "values_in_state_dict": sum(v.numel() for v in state.values()),
         "bytes": target.stat().st_size,
