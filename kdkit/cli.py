@@ -83,8 +83,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     run, task, model, device = _load_trained(args)
-    written = task.predict(model, args.image, args.trimap, args.output, run.data, device)
-    print(f"wrote {len(written)} alpha matte(s) to {args.output}")
+    if not hasattr(task, "predict"):
+        print(f"kdkit predict: the task {run.task!r} does not implement predict",
+              file=sys.stderr)
+        return 2
+    written = task.predict(model, args.image, args.guide, args.output, run.data, device)
+    print(f"wrote {len(written)} prediction(s) to {args.output}")
     return 0
 
 
@@ -173,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="predict with trained weights")
     _add_run_arguments(predict, checkpoint=True)
     predict.add_argument("--image", required=True, help="an image file or a folder of them")
-    predict.add_argument("--trimap", required=True, help="a trimap file or a folder (same names)")
+    predict.add_argument("--guide", "--trimap", dest="guide",
+                         help="per-image guides for tasks that take them (matting: a trimap "
+                              "file, or a folder of them with the images' names)")
     predict.add_argument("--output", required=True, help="folder for the predictions")
     predict.set_defaults(run=_predict)
 

@@ -34,7 +34,7 @@ from kdkit.train import (
     train,
 )
 
-__all__ = ["CompareConfig", "load_compare_config", "method_runs", "run_compare"]
+__all__ = ["CompareConfig", "load_compare_config", "method_runs", "needs_teacher", "run_compare"]
 
 
 @dataclass
@@ -110,9 +110,18 @@ def teacher_checkpoint(config: CompareConfig) -> str:
     return str(Path(config.out_dir) / "teacher" / "model.pt")
 
 
+def needs_teacher(data: dict) -> bool:
+    """Whether a run needs the teacher: it has distillation terms, or a non-zero task loss
+    weight named ``teacher_*`` (a task loss against the teacher's prediction, such as the
+    matting task's ``teacher_alpha``; see :class:`kdkit.task.Task`)."""
+    loss = data.get("loss") or {}
+    return bool(data.get("distillation")) or any(
+        key.startswith("teacher_") and value for key, value in loss.items())
+
+
 def _with_teacher(config: CompareConfig, data: dict) -> dict:
     """Give a run the teacher when its losses or terms need one."""
-    if data.get("distillation") or data.get("loss", {}).get("teacher_alpha"):
+    if needs_teacher(data):
         data["teacher"] = {"model": config.teacher["model"],
                            "checkpoint": teacher_checkpoint(config)}
     return data

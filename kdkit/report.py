@@ -96,17 +96,18 @@ def _fmt(mean: float, std: float, scale: float = 1.0) -> str:
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
-def _figure_bars(path: Path, names, means, intervals, metric, baseline) -> None:
+def _figure_bars(path: Path, names, means, intervals, metric, baseline, better) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 2))
     y = np.arange(len(names))
     left.barh(y, means, color="#4878a8")
     left.set_yticks(y, names)
     left.invert_yaxis()
-    left.set_xlabel(f"mean {metric} (lower is better)")
+    left.set_xlabel(f"mean {metric} ({better} is better)")
     rows = [(i, n) for i, n in enumerate(names) if n in intervals]
     for i, name in rows:
         mean, lo, hi = intervals[name]
-        colour = "#2a7d2a" if hi < 0 else "#b23030" if lo > 0 else "#777777"
+        improved, worsened = (hi < 0, lo > 0) if better == "lower" else (lo > 0, hi < 0)
+        colour = "#2a7d2a" if improved else "#b23030" if worsened else "#777777"
         right.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", color=colour,
                        capsize=4)
     right.axvline(0, color="black", linewidth=0.8)
@@ -164,13 +165,19 @@ def write_compare_report(config, task, results: list[ModelResult], teacher_weigh
                          eval_set, device) -> Path:
     """Write results.csv, results.md, metrics.png, curves.png and examples.png into
     ``<out_dir>/report`` and print the table; returns the folder."""
-    settings = {"primary": "SAD", "examples": 4, "flops_size": [320, 320], "columns": None,
-                "smoke_scale": False, "title": "Knowledge distillation comparison",
-                "command": None, **config.report}
-    metric = settings["primary"]
+    primary, direction = getattr(task, "primary_metric", (None, "lower"))
+    settings = {"primary": primary, "better": direction, "examples": 4,
+                "flops_size": [320, 320], "columns": None, "smoke_scale": False,
+                "title": "Knowledge distillation comparison", "command": None, **config.report}
+    metric_names = settings["columns"] or list(results[0].per_image[0])
+    metric, better = settings["primary"] or metric_names[0], settings["better"]
+    if metric not in results[0].per_image[0]:
+        raise ValueError(f"report.primary {metric!r} is not a metric of this task; its "
+                         f"metrics: {', '.join(results[0].per_image[0])}")
+    if better not in ("lower", "higher"):
+        raise ValueError(f"report.better must be 'lower' or 'higher', got {better!r}")
     out = Path(config.out_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    metric_names = settings["columns"] or list(results[0].per_image[0])
     names = list(dict.fromkeys(r.name for r in results))
     costs = {}
     for r in results:
@@ -206,8 +213,9 @@ def write_compare_report(config, task, results: list[ModelResult], teacher_weigh
                                         f"{statistics.median(ms):.0f}" if ms else "—",
                                         delta]) + " |")
         means.append(statistics.fmean(r.mean(metric) for r in group))
-    better = [n for n, (_, lo, hi) in intervals.items() if hi < 0]
-    worse = [n for n, (_, lo, hi) in intervals.items() if lo > 0]
+    lower = [n for n, (_, lo, hi) in intervals.items() if hi < 0]
+    higher = [n for n, (_, lo, hi) in intervals.items() if lo > 0]
+    improved, worsened = (lower, higher) if better == "lower" else (higher, lower)
     unresolved = [n for n, (_, lo, hi) in intervals.items() if lo <= 0 <= hi]
     steps = {r.name: records[-1]["step"] for r in results
              if (records := read_log(r.run_dir, "train"))}
@@ -230,10 +238,10 @@ def write_compare_report(config, task, results: list[ModelResult], teacher_weigh
         "",
         *lines,
         "",
-        f"- {metric} lower than `{config.baseline}`, interval excluding 0: "
-        f"{', '.join(better) or 'none'}.",
-        f"- {metric} higher than `{config.baseline}`, interval excluding 0: "
-        f"{', '.join(worse) or 'none'}.",
+        f"- Better {metric} than `{config.baseline}` ({better} is better), interval "
+        f"excluding 0: {', '.join(improved) or 'none'}.",
+        f"- Worse {metric} than `{config.baseline}`, interval excluding 0: "
+        f"{', '.join(worsened) or 'none'}.",
         f"- Not resolved by this test set (interval contains 0): "
         f"{', '.join(unresolved) or 'none'}.",
         "",
@@ -245,10 +253,11 @@ def write_compare_report(config, task, results: list[ModelResult], teacher_weigh
         "",
     ]
     (out / "results.md").write_text("\n".join(text))
-    _figure_bars(out / "metrics.png", names, means, intervals, metric, config.baseline)
+    _figure_bars(out / "metrics.png", names, means, intervals, metric, config.baseline, better)
     _figure_curves(out / "curves.png", [r for r in results if not r.teacher])
     students = [n for n in names if n not in ("teacher", config.baseline)]
-    best = min(students, key=lambda n: means[names.index(n)]) if students else None
+    pick = min if better == "lower" else max
+    best = pick(students, key=lambda n: means[names.index(n)]) if students else None
     teacher = next(r for r in results if r.teacher)
     shown = {"teacher": (teacher.model_spec, teacher_weights)}
     for label, name in ((config.baseline, config.baseline), (f"{best} (best)", best)):

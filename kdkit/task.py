@@ -24,7 +24,15 @@ class Task(Protocol):
     """What a task package provides to the training loop, evaluation and prediction.
 
     A batch is whatever the task's datasets yield after default collation (usually a dict
-    of tensors)."""
+    of tensors). Conventions the core relies on:
+
+    - a task loss weight named ``teacher_*`` (in the config's ``loss:``) is a term against
+      the teacher's prediction: runs that set one are given the teacher;
+    - ``primary_metric`` is ``(metric name, "lower" | "higher")``: the comparison report
+      ranks and tests methods on it (a compare config's ``report.primary`` overrides it).
+    """
+
+    primary_metric: tuple[str, str]
 
     def build_model(self, spec: dict[str, Any]) -> nn.Module:
         """A model from the config's ``model:`` mapping."""
@@ -54,10 +62,11 @@ class Task(Protocol):
         """For the report's example figure: ``(title, H×W or H×W×3 array in [0, 1])``
         panels for the first sample of ``batch`` (inputs, truth, then each prediction)."""
 
-    def predict(self, model: nn.Module, inputs: str, guides: str, output: str,
+    def predict(self, model: nn.Module, inputs: str, guides: str | None, output: str,
                 data: dict[str, Any], device: torch.device) -> list:
-        """Optional (``kdkit predict``): run ``model`` on files or folders, write results
-        into ``output``, return the written paths."""
+        """Optional (``kdkit predict``): run ``model`` on image files or folders (with a
+        per-image guide such as a trimap, for tasks that take one), write results into
+        ``output``, return the written paths."""
 
     def write_synthetic(self, out: str, n: int, size: int, seed: int) -> Any:
         """Optional (``kdkit data synth``): write ``n`` generated samples as a folder."""

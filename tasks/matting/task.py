@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from kdkit.config import ConfigError, from_mapping
+from kdkit.data import source_pairs
 from tasks.matting import data as matting_data
 from tasks.matting.losses import alpha_prediction_loss, composition_loss
 from tasks.matting.metrics import matting_metrics
@@ -108,26 +109,11 @@ def with_known_regions(alpha: torch.Tensor, trimap: torch.Tensor) -> torch.Tenso
     return torch.where(trimap == 0, 0.0, torch.where(trimap == 255, 1.0, alpha))
 
 
-def _folder_pairs(images: str, trimaps: str) -> list[tuple[Path, Path]]:
-    """(image, trimap) path pairs: two files, or two folders matched by file stem."""
-    image_path, trimap_path = Path(images), Path(trimaps)
-    if image_path.is_file():
-        return [(image_path, trimap_path)]
-    if not image_path.is_dir():
-        raise FileNotFoundError(f"no such image file or folder: {image_path}")
-    by_stem = {p.stem: p for p in trimap_path.iterdir() if p.is_file()}
-    pairs = []
-    for image in sorted(p for p in image_path.iterdir() if p.is_file()):
-        if image.stem not in by_stem:
-            raise FileNotFoundError(f"no trimap for {image} in {trimap_path}")
-        pairs.append((image, by_stem[image.stem]))
-    if not pairs:
-        raise FileNotFoundError(f"no images in {image_path}")
-    return pairs
-
 
 class MattingTask:
     """Deep Image Matting on synthetic or folder data, with the four standard metrics."""
+
+    primary_metric = ("SAD", "lower")
 
     def build_model(self, spec: dict[str, Any]) -> nn.Module:
         model = from_mapping(MattingModel, spec, "model")
@@ -229,16 +215,18 @@ class MattingTask:
                          for name, alpha in predictions.items()]
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, images: str, trimaps: str, output: str,
+    def predict(self, model: nn.Module, images: str, trimaps: str | None, output: str,
                 data: dict[str, Any], device: torch.device) -> list[Path]:
         """Alpha PNGs at full resolution, named like the images; the trimap's known pixels
         are copied into the prediction (0 or 1)."""
+        if trimaps is None:
+            raise ValueError("matting needs a trimap per image: pass --trimap FILE_OR_FOLDER")
         unknown = from_mapping(MattingData, data, "data").unknown_value
         out_dir = Path(output)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         model.eval()
-        for image_path, trimap_path in _folder_pairs(images, trimaps):
+        for image_path, trimap_path in source_pairs(images, trimaps):
             image = matting_data.read_image(image_path)
             trimap = matting_data.read_trimap(trimap_path, unknown)
             trimap = np.where(trimap == unknown, UNKNOWN, trimap).astype(np.uint8)

@@ -8,10 +8,11 @@ A sample is a dict of NumPy arrays: ``image`` H×W×3 uint8 RGB, ``alpha`` H×W 
 
 from __future__ import annotations
 
-from .files import read_alpha, read_image, read_trimap, write_gray, write_image
+from kdkit.data import contact_sheet, read_image, split_seed, write_gray, write_image
+
+from .files import read_alpha, read_trimap
 from .folders import Composition1kMatting, ImageFolderMatting, composite_truncated
-from .preview import contact_sheet
-from .synthetic import SyntheticMatting, split_seed, synthesize, write_synthetic_folder
+from .synthetic import SyntheticMatting, synthesize, write_synthetic_folder
 from .transforms import EvalTransform, TrainTransform, to_tensors
 from .trimaps import eval_trimap, normalise_trimap, random_trimap
 

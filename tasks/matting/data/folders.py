@@ -19,7 +19,9 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from .files import IMAGE_SUFFIXES, read_alpha, read_image, read_trimap
+from kdkit.data import IMAGE_SUFFIXES, index_folder, match_stems, read_image, require_same_size
+
+from .files import read_alpha, read_trimap
 from .trimaps import DEFAULT_UNKNOWN, check_unknown_value, eval_trimap, random_trimap
 
 __all__ = [
@@ -30,52 +32,6 @@ __all__ = [
 ]
 
 _SUFFIX_TEXT = "|".join(IMAGE_SUFFIXES)
-
-
-def _index(folder: Path) -> dict[str, Path]:
-    """Image files of ``folder`` by stem (suffixes in IMAGE_SUFFIXES, any case)."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folder {folder} does not exist; check the dataset layout")
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        if path.stem in files:
-            raise ValueError(
-                f"two files share the stem {path.stem!r}: {files[path.stem]} and {path}; "
-                "keep one per sample"
-            )
-        files[path.stem] = path
-    return files
-
-
-def _match(images: dict[str, Path], others: dict[str, Path], folder: Path) -> dict[str, Path]:
-    """``others`` restricted to the stems of ``images``, which must match one to one."""
-    missing = sorted(images.keys() - others.keys())
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FileNotFoundError(
-            f"no file {folder / missing[0]}.{{{_SUFFIX_TEXT.replace('.', '')}}} for image "
-            f"{images[missing[0]]}{more}; every image needs a counterpart in {folder}"
-        )
-    extra = sorted(others.keys() - images.keys())
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise ValueError(
-            f"{others[extra[0]]} has no image of the same stem{more}; add the image or "
-            "remove the file"
-        )
-    return others
-
-
-def _check_shapes(sample: dict, paths: dict[str, Path]) -> None:
-    height, width = sample["alpha"].shape
-    for key, value in sample.items():
-        if isinstance(value, np.ndarray) and value.shape[:2] != (height, width):
-            raise ValueError(
-                f"{paths.get(key, key)} is {value.shape[1]}×{value.shape[0]} but the alpha "
-                f"{paths['alpha']} is {width}×{height}; all files of a sample must match"
-            )
 
 
 class ImageFolderMatting(Dataset):
@@ -104,7 +60,7 @@ class ImageFolderMatting(Dataset):
         self.unknown_value = check_unknown_value(unknown_value)
         self.transform = transform
         self.trimap_radius = trimap_radius
-        images = _index(self.root / "image")
+        images = index_folder(self.root / "image")
         if not images:
             raise ValueError(
                 f"no images ({_SUFFIX_TEXT}) in {self.root / 'image'}; "
@@ -112,11 +68,12 @@ class ImageFolderMatting(Dataset):
             )
         self.files = {
             "image": images,
-            "alpha": _match(images, _index(self.root / "alpha"), self.root / "alpha"),
+            "alpha": match_stems(images, index_folder(self.root / "alpha"), self.root / "alpha"),
         }
         for key in ("trimap", "fg", "bg"):
-            if (self.root / key).is_dir():
-                self.files[key] = _match(images, _index(self.root / key), self.root / key)
+            folder = self.root / key
+            if folder.is_dir():
+                self.files[key] = match_stems(images, index_folder(folder), folder)
         self.stems = sorted(images)
 
     def __len__(self) -> int:
@@ -133,7 +90,7 @@ class ImageFolderMatting(Dataset):
         for key in ("fg", "bg"):
             if key in paths:
                 sample[key] = read_image(paths[key])
-        _check_shapes(sample, paths)
+        require_same_size(sample, paths, "alpha")
         sample["name"] = stem
         return self.transform(sample) if self.transform is not None else sample
 
@@ -211,7 +168,7 @@ class Composition1kMatting(Dataset):
         if (self.root / "fg_names.txt").is_file():
             self.fg_names = _read_names(self.root / "fg_names.txt")
         else:
-            self.fg_names = [path.name for path in _index(self.root / "fg").values()]
+            self.fg_names = [path.name for path in index_folder(self.root / "fg").values()]
         if not self.fg_names:
             raise ValueError(f"no foregrounds in {self.root / 'fg'}; check the dataset layout")
         self.bg_names = _read_names(self.root / "bg_names.txt")
@@ -248,13 +205,13 @@ class Composition1kMatting(Dataset):
         fg, alpha = read_image(paths["fg"]), read_alpha(paths["alpha"])
         height, width = alpha.shape
         sample = {"fg": fg, "alpha": alpha}
-        _check_shapes(sample, paths)
+        require_same_size(sample, paths, "alpha")
         bg = cover_background(read_image(paths["bg"]), height, width)
         sample.update(bg=bg, image=composite_truncated(fg, bg, alpha))
         if self.split == "test":
             paths["trimap"] = self.root / "trimaps" / fg_name
             sample["trimap"] = read_trimap(paths["trimap"], self.unknown_value)
-            _check_shapes(sample, paths)
+            require_same_size(sample, paths, "alpha")
         else:
             rng = np.random.default_rng([self.seed, index])
             sample["trimap"] = random_trimap(alpha, rng, unknown_value=self.unknown_value)

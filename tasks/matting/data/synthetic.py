@@ -26,103 +26,35 @@ deterministic drawing, filtering and resizing (no ``cv2.randu``/``theRNG``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import cv2
 import numpy as np
-from torch.utils.data import Dataset
 
-from .files import alpha_from_uint8, write_gray, write_image
-from .preview import contact_sheet
+from kdkit.data import SeededDataset, contact_sheet, split_seed, write_gray, write_image
+from kdkit.data.textures import (
+    low_resolution,
+    palette,
+    rotated_coordinates,
+    smooth_noise,
+    texture,
+    upsample,
+)
+
+from .files import alpha_from_uint8
 from .trimaps import DEFAULT_UNKNOWN, check_unknown_value, eval_trimap
 
 __all__ = [
-    "SPLIT_SEED_OFFSETS",
     "SUPERSAMPLE",
     "SyntheticMatting",
-    "split_seed",
     "synthesize",
     "write_synthetic_folder",
 ]
 
 SUPERSAMPLE = 4
-#: Seed of sample ``i`` of a split is ``SPLIT_SEED_OFFSETS[split] + i``; a train split is
-#: limited to 10 000 000 samples so the ranges never overlap.
-SPLIT_SEED_OFFSETS = {"train": 0, "test": 10_000_000}
 _MIN_SIZE = 32
 _SHIFT = 2  # fractional bits of the polyline/ellipse coordinates
-
-
-def split_seed(split: str, index: int) -> int:
-    """The generator seed of sample ``index`` of ``split`` (``"train"``: ``index``,
-    ``"test"``: ``10_000_000 + index``)."""
-    if split not in SPLIT_SEED_OFFSETS:
-        raise ValueError(
-            f"unknown split {split!r}; expected one of {', '.join(SPLIT_SEED_OFFSETS)}"
-        )
-    if not 0 <= index < SPLIT_SEED_OFFSETS["test"]:
-        raise ValueError(
-            f"sample index must be in 0..{SPLIT_SEED_OFFSETS['test'] - 1} so the train and "
-            f"test seed ranges stay disjoint, found {index}"
-        )
-    return SPLIT_SEED_OFFSETS[split] + index
-
-
-def _low_resolution(size: int) -> int:
-    """Side of the grid on which smooth fields are computed before a bilinear upsample."""
-    return min(size, max(32, size // 4))
-
-
-def _upsample(field: np.ndarray, size: int) -> np.ndarray:
-    if field.shape[0] == size:
-        return field
-    return cv2.resize(field, (size, size), interpolation=cv2.INTER_LINEAR)
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """``size×size`` float32 smooth noise in [0, 1]: a ``cells²`` random grid, bicubic-
-    resized to the low resolution, normalised, then bilinear-upsampled."""
-    grid = rng.random((cells, cells), dtype=np.float32)
-    low_size = _low_resolution(size)
-    field = cv2.resize(grid, (low_size, low_size), interpolation=cv2.INTER_CUBIC)
-    low, high = float(field.min()), float(field.max())
-    field = (field - low) * np.float32(1.0 / max(high - low, 1e-6))
-    return _upsample(field, size)
-
-
-def _palette(rng: np.random.Generator) -> np.ndarray:
-    """A ``256×1×3`` uint8 lookup table: a colour ramp through 3–6 random anchor colours."""
-    anchors = rng.integers(0, 256, size=(int(rng.integers(3, 7)), 3)).astype(np.float64)
-    where = np.linspace(0, 255, len(anchors))
-    ramp = [np.interp(np.arange(256), where, anchors[:, c]) for c in range(3)]
-    return np.rint(np.stack(ramp, axis=1)).astype(np.uint8)[:, None, :]
-
-
-def _rotated_coordinates(angle: float, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``size×size`` float32 pixel coordinates ``(u, v)`` rotated by ``angle`` (radians)."""
-    x = np.arange(size, dtype=np.float32)
-    c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
-    return x[None, :] * c + x[:, None] * s, x[:, None] * c - x[None, :] * s
-
-
-def _texture(rng: np.random.Generator, size: int, palette: np.ndarray) -> np.ndarray:
-    """A ``size×size×3`` uint8 texture: a scalar pattern (smooth noise, warped stripes or a
-    noisy checker) mapped through ``palette``."""
-    kind = int(rng.integers(3))
-    noise = _smooth_noise(rng, size, int(rng.integers(3, 7)))
-    if kind == 0:
-        field = 0.6 * noise + 0.4 * _smooth_noise(rng, size, int(rng.integers(10, 25)))
-    elif kind == 1:
-        u, _ = _rotated_coordinates(rng.uniform(0, np.pi), size)
-        period = size / rng.uniform(4, 14)
-        field = 0.5 + 0.5 * np.sin((u / period + 1.5 * noise) * np.float32(2 * np.pi))
-    else:
-        u, v = _rotated_coordinates(rng.uniform(0, np.pi), size)
-        period = size / rng.uniform(3, 10)
-        checker = ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
-        field = 0.55 * checker + 0.45 * noise
-    index = np.clip(field * 255, 0, 255).astype(np.uint8)
-    return cv2.LUT(cv2.merge([index, index, index]), palette)
 
 
 def _ellipses(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -182,9 +114,9 @@ def _body_alpha(rng: np.random.Generator, size: int, ellipses: np.ndarray) -> np
     else:
         length = 2 * int(half * rng.uniform(0.008, 0.025)) + 3
         blurred = cv2.filter2D(small, -1, _motion_kernel(rng, length))
-    blurred = _upsample(blurred, size)
+    blurred = upsample(blurred, size)
     direction = rng.uniform(0, 2 * np.pi)
-    u, _ = _rotated_coordinates(direction, size)
+    u, _ = rotated_coordinates(direction, size)
     through_centre = float(ellipses[0, 0] * np.cos(direction) + ellipses[0, 1] * np.sin(direction))
     ramp = np.clip((u - through_centre) / np.float32(0.15 * size) + 0.5, 0, 1)
     return sharp + ramp * (blurred - sharp)
@@ -200,12 +132,12 @@ def _veil_alpha(rng: np.random.Generator, size: int, ellipses: np.ndarray) -> np
     centre = [cx + c * px - s * py, cy + s * px + c * py]
     axes = size * rng.uniform(0.1, 0.2, size=2)
     veil = np.array([[*centre, *axes, rng.uniform(0, np.pi)]])
-    low_size = _low_resolution(size)
+    low_size = low_resolution(size)
     mask = np.zeros((low_size, low_size), np.uint8)
     _draw_ellipses(mask, veil, low_size / size)
     soft = cv2.GaussianBlur(alpha_from_uint8(mask), (0, 0), low_size * rng.uniform(0.01, 0.02))
-    level = 0.1 + 0.8 * _smooth_noise(rng, low_size, int(rng.integers(3, 6)))
-    return _upsample(soft * level, size)
+    level = 0.1 + 0.8 * smooth_noise(rng, low_size, int(rng.integers(3, 6)))
+    return upsample(soft * level, size)
 
 
 def _strand_alpha(rng: np.random.Generator, size: int, ellipses: np.ndarray) -> np.ndarray:
@@ -247,11 +179,11 @@ def synthesize(seed: int, size: int = 512, *, unknown_value: int = DEFAULT_UNKNO
         raise ValueError(f"size must be at least {_MIN_SIZE} pixels, found {size}")
     unknown_value = check_unknown_value(unknown_value)
     rng = np.random.default_rng(seed)
-    palette = _palette(rng)
-    bg = _texture(rng, size, palette)
-    body = _texture(rng, size, palette)
-    hair_colour = palette[rng.integers(256), 0].astype(np.float32)  # hair = ½ body + ½ this
-    veil_colour = palette[rng.integers(256), 0].astype(np.float32)
+    colours = palette(rng)
+    bg = texture(rng, size, colours)
+    body = texture(rng, size, colours)
+    hair_colour = colours[rng.integers(256), 0].astype(np.float32)  # hair = ½ body + ½ this
+    veil_colour = colours[rng.integers(256), 0].astype(np.float32)
     ellipses = _ellipses(rng, size)
     a_veil = _veil_alpha(rng, size, ellipses)
     a_body = _body_alpha(rng, size, ellipses)
@@ -287,7 +219,7 @@ def synthesize(seed: int, size: int = 512, *, unknown_value: int = DEFAULT_UNKNO
     }
 
 
-class SyntheticMatting(Dataset):
+class SyntheticMatting(SeededDataset):
     """``length`` synthetic samples of ``split`` (``"train"`` or ``"test"``).
 
     Sample ``i`` is ``synthesize(split_seed(split, i), size)``: train seeds are
@@ -304,25 +236,11 @@ class SyntheticMatting(Dataset):
         unknown_value: int = DEFAULT_UNKNOWN,
         transform: Callable[[dict], dict] | None = None,
     ) -> None:
-        if length < 1:
-            raise ValueError(f"length must be at least 1, found {length}")
-        split_seed(split, length - 1)  # validates the split and the seed range
         if size < _MIN_SIZE:
             raise ValueError(f"size must be at least {_MIN_SIZE} pixels, found {size}")
-        self.split, self.length, self.size = split, length, size
-        self.unknown_value = check_unknown_value(unknown_value)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} samples")
-        sample = synthesize(
-            split_seed(self.split, index), self.size, unknown_value=self.unknown_value
-        )
-        return self.transform(sample) if self.transform is not None else sample
+        self.size, self.unknown_value = size, check_unknown_value(unknown_value)
+        generate = partial(synthesize, size=size, unknown_value=self.unknown_value)
+        super().__init__(generate, split, length, transform)
 
 
 def write_synthetic_folder(
@@ -352,5 +270,5 @@ def write_synthetic_folder(
         write_gray(out / "trimap" / stem, sample["trimap"])
         if len(shown) < 16:
             shown.append(sample)
-    write_image(out / "contact_sheet.png", contact_sheet(shown))
+    write_image(out / "contact_sheet.png", contact_sheet(shown, ("image", "alpha", "trimap")))
     return out

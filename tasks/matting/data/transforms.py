@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
+
+from kdkit.data.random import WorkerRNG
 
 from .trimaps import DEFAULT_UNKNOWN, check_unknown_value, normalise_trimap, random_trimap
 
@@ -60,11 +61,8 @@ class TrainTransform:
        trimap ``INTER_NEAREST``);
     5. a horizontal flip with probability 1/2; then :func:`to_tensors`.
 
-    Randomness: a ``np.random.Generator``. With ``seed`` it is ``default_rng(seed)`` in the
-    main process and ``default_rng([seed, worker_seed])`` in a DataLoader worker; without,
-    ``default_rng(torch.initial_seed())`` (torch's seed for the process, which differs per
-    worker and per epoch). Two transforms with the same seed called on the same samples
-    give identical outputs.
+    Randomness: a :class:`kdkit.data.random.WorkerRNG` of ``seed``. Two transforms with the
+    same seed called on the same samples give identical outputs.
     """
 
     def __init__(
@@ -83,19 +81,8 @@ class TrainTransform:
         self.output_size = output_size
         self.unknown_value = check_unknown_value(unknown_value)
         self.seed = seed
-        self._rng: np.random.Generator | None = None
-        self._rng_key: int | None = None
+        self._generator = WorkerRNG(seed)
 
-    def _generator(self) -> np.random.Generator:
-        info = get_worker_info()
-        key = None if info is None else info.seed
-        if self._rng is None or key != self._rng_key:
-            if self.seed is None:
-                entropy = [torch.initial_seed()]
-            else:
-                entropy = [self.seed] if key is None else [self.seed, key]
-            self._rng, self._rng_key = np.random.default_rng(entropy), key
-        return self._rng
 
     def __call__(self, sample: dict) -> dict:
         if "alpha" not in sample:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 
@@ -9,7 +11,7 @@ __all__ = ["contact_sheet"]
 
 
 def _tile(picture: np.ndarray, tile: int) -> np.ndarray:
-    """``picture`` (``H×W×3`` uint8, ``H×W`` uint8, or ``H×W`` float alpha in [0, 1])
+    """``picture`` (``H×W×3`` uint8, ``H×W`` uint8, or ``H×W`` float in [0, 1])
     letterboxed into a black ``tile×tile×3`` uint8 square, shrunk with ``INTER_AREA``."""
     if np.issubdtype(picture.dtype, np.floating):
         picture = np.rint(np.clip(picture, 0, 1) * 255).astype(np.uint8)
@@ -25,15 +27,13 @@ def _tile(picture: np.ndarray, tile: int) -> np.ndarray:
     return out
 
 
-def contact_sheet(samples: list[dict], tile: int = 128, columns: int = 4) -> np.ndarray:
-    """An RGB uint8 grid of up to 16 samples, each shown as ``image | alpha | trimap``
-    tiles of ``tile×tile`` pixels, ``columns`` samples per row."""
+def contact_sheet(samples: list[dict], keys: Sequence[str], tile: int = 128,
+                  columns: int = 4) -> np.ndarray:
+    """An RGB uint8 grid of up to 16 samples, each shown as one ``tile×tile`` tile per key
+    of ``keys`` side by side, ``columns`` samples per row."""
     if not samples:
         raise ValueError("contact_sheet needs at least one sample, found none")
-    cells = [
-        np.hstack([_tile(s[key], tile) for key in ("image", "alpha", "trimap")])
-        for s in samples[:16]
-    ]
+    cells = [np.hstack([_tile(s[key], tile) for key in keys]) for s in samples[:16]]
     columns = min(columns, len(cells))
     blank = np.zeros_like(cells[0])
     cells += [blank] * (-len(cells) % columns)

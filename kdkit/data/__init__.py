@@ -1,0 +1,27 @@
+"""Data utilities shared by task packages: image files with clear errors, folder
+datasets matched by file stem, seeded synthetic datasets, procedural textures and contact
+sheets. Nothing here knows about a particular task."""
+
+from __future__ import annotations
+
+from .folders import index_folder, match_stems, require_same_size, source_files, source_pairs
+from .images import IMAGE_SUFFIXES, imread, read_image, write_gray, write_image
+from .preview import contact_sheet
+from .seeded import SPLIT_SEED_OFFSETS, SeededDataset, split_seed
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "SPLIT_SEED_OFFSETS",
+    "SeededDataset",
+    "contact_sheet",
+    "imread",
+    "index_folder",
+    "match_stems",
+    "read_image",
+    "require_same_size",
+    "source_files",
+    "source_pairs",
+    "split_seed",
+    "write_gray",
+    "write_image",
+]

@@ -1,0 +1,100 @@
+"""Folder datasets: files of one sample share a stem across sibling folders
+(``root/image/0001.png``, ``root/alpha/0001.png``, ``root/mask/0001.png``, …).
+
+Indexing fails on a missing or unmatched file, never skips one silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .images import IMAGE_SUFFIXES
+
+__all__ = ["index_folder", "match_stems", "require_same_size", "source_files", "source_pairs"]
+
+_SUFFIX_TEXT = "|".join(IMAGE_SUFFIXES)
+
+
+def index_folder(folder: str | Path) -> dict[str, Path]:
+    """Image files of ``folder`` by stem (suffixes in IMAGE_SUFFIXES, any case)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder {folder} does not exist; check the dataset layout")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in files:
+            raise ValueError(
+                f"two files share the stem {path.stem!r}: {files[path.stem]} and {path}; "
+                "keep one per sample"
+            )
+        files[path.stem] = path
+    return files
+
+
+def match_stems(images: dict[str, Path], others: dict[str, Path],
+                folder: Path) -> dict[str, Path]:
+    """``others`` (indexed from ``folder``) restricted to the stems of ``images``, which
+    must match one to one."""
+    missing = sorted(images.keys() - others.keys())
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(
+            f"no file {folder / missing[0]}.{{{_SUFFIX_TEXT.replace('.', '')}}} for image "
+            f"{images[missing[0]]}{more}; every image needs a counterpart in {folder}"
+        )
+    extra = sorted(others.keys() - images.keys())
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise ValueError(
+            f"{others[extra[0]]} has no image of the same stem{more}; add the image or "
+            "remove the file"
+        )
+    return others
+
+
+def require_same_size(sample: dict, paths: dict[str, Path], reference: str) -> None:
+    """Every array of ``sample`` must have the height and width of ``sample[reference]``;
+    the error names both files."""
+    height, width = sample[reference].shape[:2]
+    for key, value in sample.items():
+        if isinstance(value, np.ndarray) and value.shape[:2] != (height, width):
+            raise ValueError(
+                f"{paths.get(key, key)} is {value.shape[1]}×{value.shape[0]} but the "
+                f"{reference} {paths[reference]} is {width}×{height}; all files of a sample "
+                "must match"
+            )
+
+
+def source_files(inputs: str | Path) -> list[Path]:
+    """The image files to predict on: one file, or a folder's image files by name."""
+    path = Path(inputs)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such image file or folder: {path}")
+    files = list(index_folder(path).values())
+    if not files:
+        raise FileNotFoundError(f"no images ({_SUFFIX_TEXT}) in {path}")
+    return files
+
+
+def source_pairs(inputs: str | Path, guides: str | Path) -> list[tuple[Path, Path]]:
+    """(image, guide) path pairs for prediction: two files, or two folders matched by
+    file stem (a guide is a per-image input such as a trimap)."""
+    images = source_files(inputs)
+    guide_path = Path(guides)
+    if Path(inputs).is_file():
+        if not guide_path.is_file():
+            raise FileNotFoundError(f"no such guide file: {guide_path}")
+        return [(images[0], guide_path)]
+    by_stem = index_folder(guide_path)
+    pairs = []
+    for image in images:
+        if image.stem not in by_stem:
+            raise FileNotFoundError(f"no file for {image.name} in {guide_path} (same stem)")
+        pairs.append((image, by_stem[image.stem]))
+    return pairs
