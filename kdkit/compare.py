@@ -130,11 +130,14 @@ def _with_teacher(config: CompareConfig, data: dict) -> dict:
 def _prune_job(config: CompareConfig, spec: dict, run_dir: Path, seed: int) -> tuple:
     """(prune config for :func:`kdkit.dcp.prune_run`, the pruned model's spec) of a
     method with a ``prune:`` block: ``{sparse: <overrides of base for the sparsify run>,
-    fractions, ignored, input_size, reinit}``."""
+    fractions, ignored, input_size, reinit}``. ``sparse.model: teacher`` sparsifies the
+    teacher's architecture (DCP's full-width student), fresh."""
     prune = dict(spec)
     overrides = dict(prune.pop("sparse", {}))
     sparse = deep_merge(config.base, {k: v for k, v in overrides.items() if k != "model"})
-    if "model" in overrides:  # a model is replaced whole, never merged with the base's
+    if overrides.get("model") == "teacher":
+        sparse["model"] = copy.deepcopy(config.teacher["model"])
+    elif "model" in overrides:  # a model is replaced whole, never merged with the base's
         sparse["model"] = copy.deepcopy(overrides["model"])
     sparse.update(task=config.task, out_dir=str(run_dir / "sparse"))
     sparse.setdefault("train", {})["seed"] = seed

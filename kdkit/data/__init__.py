@@ -4,7 +4,14 @@ sheets. Nothing here knows about a particular task."""
 
 from __future__ import annotations
 
-from .folders import index_folder, match_stems, require_same_size, source_files, source_pairs
+from .folders import (
+    index_folder,
+    index_images,
+    match_stems,
+    require_same_size,
+    source_files,
+    source_pairs,
+)
 from .images import IMAGE_SUFFIXES, imread, read_image, write_gray, write_image
 from .preview import contact_sheet
 from .seeded import SPLIT_SEED_OFFSETS, SeededDataset, split_seed
@@ -16,6 +23,7 @@ __all__ = [
     "contact_sheet",
     "imread",
     "index_folder",
+    "index_images",
     "match_stems",
     "read_image",
     "require_same_size",

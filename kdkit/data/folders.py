@@ -12,7 +12,8 @@ import numpy as np
 
 from .images import IMAGE_SUFFIXES
 
-__all__ = ["index_folder", "match_stems", "require_same_size", "source_files", "source_pairs"]
+__all__ = ["index_folder", "index_images", "match_stems", "require_same_size", "source_files",
+           "source_pairs"]
 
 _SUFFIX_TEXT = "|".join(IMAGE_SUFFIXES)
 
@@ -33,6 +34,17 @@ def index_folder(folder: str | Path) -> dict[str, Path]:
             )
         files[path.stem] = path
     return files
+
+
+def index_images(root: Path, partner: str) -> dict[str, Path]:
+    """The images of a folder dataset, ``root/image/<stem>.*`` by stem; an empty or
+    missing ``image/`` is an error that names the expected layout (``image/`` beside
+    ``partner/``)."""
+    images = index_folder(root / "image")
+    if not images:
+        raise ValueError(f"no images ({_SUFFIX_TEXT}) in {root / 'image'}; point root at a "
+                         f"folder holding image/ and {partner}/")
+    return images
 
 
 def match_stems(images: dict[str, Path], others: dict[str, Path],

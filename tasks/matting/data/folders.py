@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from kdkit.data import IMAGE_SUFFIXES, index_folder, match_stems, read_image, require_same_size
+from kdkit.data import index_folder, index_images, match_stems, read_image, require_same_size
 
 from .files import read_alpha, read_trimap
 from .trimaps import DEFAULT_UNKNOWN, check_unknown_value, eval_trimap, random_trimap
@@ -30,9 +30,6 @@ __all__ = [
     "composite_truncated",
     "cover_background",
 ]
-
-_SUFFIX_TEXT = "|".join(IMAGE_SUFFIXES)
-
 
 class ImageFolderMatting(Dataset):
     """Composited samples from a plain folder layout, matched by file stem::
@@ -60,12 +57,7 @@ class ImageFolderMatting(Dataset):
         self.unknown_value = check_unknown_value(unknown_value)
         self.transform = transform
         self.trimap_radius = trimap_radius
-        images = index_folder(self.root / "image")
-        if not images:
-            raise ValueError(
-                f"no images ({_SUFFIX_TEXT}) in {self.root / 'image'}; "
-                "point root at a folder holding image/ and alpha/"
-            )
+        images = index_images(self.root, "alpha")
         self.files = {
             "image": images,
             "alpha": match_stems(images, index_folder(self.root / "alpha"), self.root / "alpha"),

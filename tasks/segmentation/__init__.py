@@ -1,0 +1,1 @@
+"""Semantic segmentation on the kdkit core."""
