@@ -60,8 +60,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load_trained(args: argparse.Namespace):
+    from kdkit.checkpoint import load_weights
     from kdkit.task import load_task
-    from kdkit.train import build_model, load_weights, resolve_device
+    from kdkit.train import build_model, resolve_device
 
     run = _run_config(args)
     task = load_task(run.task)
@@ -89,6 +90,17 @@ def _predict(args: argparse.Namespace) -> int:
         return 2
     written = task.predict(model, args.image, args.guide, args.output, run.data, device)
     print(f"wrote {len(written)} prediction(s) to {args.output}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from kdkit.export import export_onnx, has_onnxruntime
+
+    run, task, model, _ = _load_trained(args)
+    path = export_onnx(model, task.flops_inputs(*args.size), args.output)
+    checked = ("checked against PyTorch with onnxruntime" if has_onnxruntime()
+               else "not checked: install onnxruntime to compare it with PyTorch")
+    print(f"wrote {path} (dynamic batch, height and width; {checked})")
     return 0
 
 
@@ -182,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
                               "file, or a folder of them with the images' names)")
     predict.add_argument("--output", required=True, help="folder for the predictions")
     predict.set_defaults(run=_predict)
+
+    export = commands.add_parser("export", help="write trained weights as an ONNX model")
+    _add_run_arguments(export, checkpoint=True)
+    export.add_argument("--output", required=True, help="the .onnx file to write")
+    export.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
+                        help="example input size for tracing (the graph takes any size)")
+    export.set_defaults(run=_export)
 
     compare = commands.add_parser(
         "compare", help="train and evaluate every method of a comparison, write a report")

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
+from kdkit.checkpoint import load_weights
 from kdkit.config import ConfigError, from_mapping, load_yaml, run_config_from_mapping
 from kdkit.dcp import prune_run
 from kdkit.task import Task
 from kdkit.train import (
     WEIGHTS,
     build_model,
-    load_weights,
     metric_values,
     read_log,
     resolve_device,

@@ -144,7 +144,12 @@ class TrainSettings:
     optimizer: str = "adam"  # adam | sgd
     schedule: str = "cosine"  # cosine | constant
     grad_clip: float | None = None
-    amp: bool = True  # mixed precision, on CUDA only
+    amp: bool = True  # mixed precision: on CUDA; on the CPU only with amp_dtype bf16
+    amp_dtype: str = "fp16"  # fp16 (with loss scaling) | bf16
+    channels_last: bool = False  # models and 4-D inputs in channels-last memory format
+    compile: bool = False  # torch.compile the student's forward
+    compile_backend: str = "inductor"  # any torch.compile backend (e.g. aot_eager)
+    on_nonfinite: str = "stop"  # a NaN/inf loss: stop (naming term and step) | skip the step
     checkpoint_every: int = 500
     eval_every: int = 0  # 0: evaluate at the end only
     log_every: int = 10

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdkit.checkpoint import load_weights
 from kdkit.config import from_mapping, load_yaml, run_config_from_mapping
 from kdkit.pruning import channel_config, count_parameters_and_flops, prune_channels, save_pruned
 from kdkit.task import Task
-from kdkit.train import build_model, load_weights, train
+from kdkit.train import build_model, train
 
 __all__ = ["PruneConfig", "prune_run"]
 

@@ -100,6 +100,13 @@ class Distiller(nn.Module):
         super().__init__()
         if not terms:
             raise ValueError("a Distiller needs at least one DistillTerm")
+        devices = {role: {p.device for p in model.parameters()}
+                   for role, model in (("teacher", teacher), ("student", student))}
+        if devices["teacher"] and devices["student"] and devices["teacher"] != devices["student"]:
+            raise ValueError(
+                f"the teacher is on {sorted(map(str, devices['teacher']))} but the student on "
+                f"{sorted(map(str, devices['student']))}; move both to one device "
+                "(teacher.to(device), student.to(device)) before building the Distiller")
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student
         self.terms = list(terms)

@@ -27,9 +27,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from kdkit.train import build_model, load_weights, read_log, test_batches  # noqa: E402
+from kdkit.checkpoint import load_weights  # noqa: E402
+from kdkit.export import cpu_latency_ms  # noqa: E402
+from kdkit.train import build_model, read_log, test_batches  # noqa: E402
 
-__all__ = ["ModelResult", "bootstrap_interval", "write_compare_report"]
+__all__ = ["ModelResult", "bootstrap_interval", "verdicts", "write_compare_report"]
 
 BOOTSTRAP_SAMPLES = 10_000
 
@@ -59,6 +61,17 @@ def bootstrap_interval(differences: np.ndarray, level: float = 0.95,
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
+def verdicts(intervals: dict[str, tuple[float, float, float]],
+             better: str) -> tuple[list[str], list[str], list[str]]:
+    """(improved, worsened, unresolved) method names from ``{name: (mean, low, high)}``
+    intervals of (method − baseline), for a metric where ``better`` is "lower" or
+    "higher"; a difference counts only when its interval excludes 0."""
+    lower = [n for n, (_, lo, hi) in intervals.items() if hi < 0]
+    higher = [n for n, (_, lo, hi) in intervals.items() if lo > 0]
+    unresolved = [n for n, (_, lo, hi) in intervals.items() if lo <= 0 <= hi]
+    return (lower, higher, unresolved) if better == "lower" else (higher, lower, unresolved)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -70,12 +83,18 @@ def _ms_per_step(run_dir: Path | None) -> float | None:
     return statistics.median(times) if times else None
 
 
-def _model_cost(task, spec: dict, size: tuple[int, int]) -> tuple[int, float]:
-    """(parameters, GFLOPs of one forward at ``size``), counted on the CPU."""
+def _model_cost(task, spec: dict, size: tuple[int, int],
+                latency_size: tuple[int, int] | None) -> tuple[int, float, float | None, str]:
+    """(parameters, GFLOPs of one forward at ``size``, CPU ms of one forward at
+    ``latency_size`` or None, the runtime that timed it), for the architecture of
+    ``spec`` (weights do not change either)."""
     model = build_model(task, spec).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(*task.flops_inputs(*size))
-    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 1e9
+    params = sum(p.numel() for p in model.parameters())
+    latency, runtime = (None, "") if latency_size is None else cpu_latency_ms(
+        model, task.flops_inputs(*latency_size))
+    return params, counter.get_total_flops() / 1e9, latency, runtime
 
 
 def _paired(results: list[ModelResult], baseline: str, metric: str) -> dict[str, np.ndarray]:
@@ -97,6 +116,7 @@ def _fmt(mean: float, std: float, scale: float = 1.0) -> str:
 
 
 def _figure_bars(path: Path, names, means, intervals, metric, baseline, better) -> None:
+    improved, worsened, _ = verdicts(intervals, better)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 2))
     y = np.arange(len(names))
     left.barh(y, means, color="#4878a8")
@@ -106,8 +126,7 @@ def _figure_bars(path: Path, names, means, intervals, metric, baseline, better) 
     rows = [(i, n) for i, n in enumerate(names) if n in intervals]
     for i, name in rows:
         mean, lo, hi = intervals[name]
-        improved, worsened = (hi < 0, lo > 0) if better == "lower" else (lo > 0, hi < 0)
-        colour = "#2a7d2a" if improved else "#b23030" if worsened else "#777777"
+        colour = "#2a7d2a" if name in improved else "#b23030" if name in worsened else "#777777"
         right.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", color=colour,
                        capsize=4)
     right.axvline(0, color="black", linewidth=0.8)
@@ -167,7 +186,8 @@ def write_compare_report(config, task, results: list[ModelResult], teacher_weigh
     ``<out_dir>/report`` and print the table; returns the folder."""
     primary, direction = getattr(task, "primary_metric", (None, "lower"))
     settings = {"primary": primary, "better": direction, "examples": 4,
-                "flops_size": [320, 320], "columns": None, "smoke_scale": False,
+                "flops_size": [320, 320], "latency_size": [512, 512], "columns": None,
+                "smoke_scale": False,
                 "title": "Knowledge distillation comparison", "command": None, **config.report}
     metric_names = settings["columns"] or list(results[0].per_image[0])
     metric, better = settings["primary"] or metric_names[0], settings["better"]
@@ -183,40 +203,44 @@ def write_compare_report(config, task, results: list[ModelResult], teacher_weigh
     for r in results:
         key = json.dumps(r.model_spec, sort_keys=True)
         if key not in costs:
-            costs[key] = _model_cost(task, r.model_spec, tuple(settings["flops_size"]))
+            latency_size = settings["latency_size"]
+            costs[key] = _model_cost(task, r.model_spec, tuple(settings["flops_size"]),
+                                     tuple(latency_size) if latency_size else None)
+    runtime = next(iter(costs.values()))[3]
 
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["method", "seed", *metric_names, "params", "gflops",
-                         "train_ms_per_step"])
+                         "cpu_ms", "train_ms_per_step"])
         for r in results:
             ms = _ms_per_step(r.run_dir)
-            params, gflops = costs[json.dumps(r.model_spec, sort_keys=True)]
+            params, gflops, latency, _ = costs[json.dumps(r.model_spec, sort_keys=True)]
             writer.writerow([r.name, r.seed, *(f"{r.mean(m):.6g}" for m in metric_names),
-                             params, f"{gflops:.3f}", "" if ms is None else f"{ms:.1f}"])
+                             params, f"{gflops:.3f}", "" if latency is None else f"{latency:.1f}",
+                             "" if ms is None else f"{ms:.1f}"])
 
     paired = _paired(results, config.baseline, metric)
     intervals = {name: (float(d.mean()), *bootstrap_interval(d)) for name, d in paired.items()}
+    latency_size = settings["latency_size"]
     header = ["method", *metric_names, "params", f"GFLOPs @{settings['flops_size'][0]}²",
-              "ms/step", f"Δ{metric} vs {config.baseline} [95% CI]"]
+              *([f"CPU ms @{latency_size[0]}²"] if latency_size else []),
+              "train ms/step", f"Δ{metric} vs {config.baseline} [95% CI]"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     means = []
     for name in names:
         group = [r for r in results if r.name == name]
         cells = [_fmt(*_mean_std([r.mean(m) for r in group])) for m in metric_names]
-        params, gflops = costs[json.dumps(group[0].model_spec, sort_keys=True)]
+        params, gflops, latency, _ = costs[json.dumps(group[0].model_spec, sort_keys=True)]
         ms = [t for t in (_ms_per_step(r.run_dir) for r in group) if t is not None]
         interval = intervals.get(name)
         delta = (f"{interval[0]:+.4g} [{interval[1]:+.4g}, {interval[2]:+.4g}]"
                  if interval else "—")
         lines.append("| " + " | ".join([name, *cells, f"{params:,}", f"{gflops:.2f}",
+                                        *([f"{latency:.0f}"] if latency_size else []),
                                         f"{statistics.median(ms):.0f}" if ms else "—",
                                         delta]) + " |")
         means.append(statistics.fmean(r.mean(metric) for r in group))
-    lower = [n for n, (_, lo, hi) in intervals.items() if hi < 0]
-    higher = [n for n, (_, lo, hi) in intervals.items() if lo > 0]
-    improved, worsened = (lower, higher) if better == "lower" else (higher, lower)
-    unresolved = [n for n, (_, lo, hi) in intervals.items() if lo <= 0 <= hi]
+    improved, worsened, unresolved = verdicts(intervals, better)
     steps = {r.name: records[-1]["step"] for r in results
              if (records := read_log(r.run_dir, "train"))}
     text = [f"# {settings['title']}", ""]
@@ -234,7 +258,10 @@ def write_compare_report(config, task, results: list[ModelResult], teacher_weigh
         f"Metrics are means over test images, then mean ± std over seeds. Δ{metric}: the "
         f"per-image difference to `{config.baseline}` (same seed, averaged over seeds) with "
         f"a 95% percentile bootstrap interval over test images ({BOOTSTRAP_SAMPLES:,} "
-        "resamples).",
+        "resamples)."
+        + (f" CPU ms: median of one forward pass of one {latency_size[0]}×{latency_size[1]} "
+           f"input on this machine's CPU ({runtime}, {torch.get_num_threads()} threads)."
+           if latency_size else ""),
         "",
         *lines,
         "",

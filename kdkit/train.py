@@ -1,17 +1,17 @@
-"""A task-agnostic training loop: optional distillation, AMP on GPU, gradient clipping,
-atomic checkpoints, resume, progress and metric logging.
+"""A task-agnostic training loop: optional distillation, mixed precision, gradient
+clipping, multi-process data parallelism (``torchrun``), atomic checksummed checkpoints,
+bit-exact resume, non-finite loss handling, progress and metric logging.
 
-A run writes into ``out_dir``: ``checkpoint.pt`` (model, optimizer, schedule, scaler, step,
-random state; replaced atomically), ``model.pt`` (the final weights alone), ``log.jsonl``
-(one JSON record per logged step and per evaluation) and ``config.yaml`` (the run's config).
+A run writes into ``out_dir``: ``checkpoint.pt`` (model, distiller adapters, optimizer,
+schedule, scaler, step, random state; replaced atomically), ``model.pt`` (the final weights
+alone), ``log.jsonl`` (one JSON record per logged step, per evaluation and per skipped
+step) and ``config.yaml`` (the run's config). With several processes, rank 0 writes them.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,22 +19,21 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file as load_safetensors
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from kdkit.config import RunConfig
+from kdkit.checkpoint import load_checkpoint, load_weights, resolve_path, save_atomic
+from kdkit.config import ConfigError, RunConfig, TrainSettings
 from kdkit.distiller import Distiller
+from kdkit.distributed import World, agree, average_gradients, end_world, setup_world
 from kdkit.pruning import bn_l1_penalty, load_pruned, prepare_for_sparsity
+from kdkit.sampling import KeyedSamples, ResumableSampler, endless_batches
 from kdkit.task import Task
 
 __all__ = [
     "resolve_device",
-    "save_atomic",
-    "load_checkpoint",
-    "load_weights",
-    "resolve_path",
     "build_model",
     "evaluate",
     "metric_values",
@@ -70,92 +69,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def save_atomic(payload: dict, path: Path) -> None:
-    """Write ``payload`` with ``torch.save`` to a temporary file, then rename it over
-    ``path``: a crash leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint without running code (``weights_only=True``); a missing,
-    truncated or foreign file is a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt archives
-        raise ValueError(
-            f"could not read checkpoint {path} (truncated, corrupt, or not a kdkit checkpoint "
-            f"made of tensors): {error}"
-        ) from None
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A file path, or ``package.module:file`` for a file shipped inside a package."""
-    text = str(path)
-    module, colon, name = text.partition(":")
-    if colon and not Path(text).exists() and module.replace(".", "").isidentifier():
-        return Path(str(importlib.resources.files(module) / name))
-    return Path(path)
-
-
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights into ``model`` from a ``model.pt``, a full ``checkpoint.pt`` or a
-    ``.safetensors`` file (any float dtype; converted to the model's)."""
-    path = resolve_path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise FileNotFoundError(f"weights not found: {path}")
-        state = load_safetensors(path)
-    else:
-        payload = load_checkpoint(path)
-        state = payload.get("model", payload) if isinstance(payload, dict) else payload
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"weights in {path} do not fit {type(model).__name__}: missing "
-            f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}; check that the config "
-            "builds the same model the checkpoint was trained with"
-        )
-    return model
-
-
-class ResumableSampler(Sampler[int]):
-    """A fresh permutation per epoch from ``(seed, epoch)``, startable mid-epoch, so a
-    resumed run sees exactly the samples an uninterrupted one would."""
-
-    def __init__(self, length: int, seed: int):
-        self.length, self.seed = length, seed
-        self.epoch, self.start = 0, 0
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.length, generator=generator).tolist()
-        yield from order[self.start:]
-
-    def __len__(self) -> int:
-        return self.length - self.start
-
-
-def _batches(loader: DataLoader, sampler: ResumableSampler, batch_size: int, step: int):
-    """Endless batches, positioned at ``step`` (whole batches per epoch, the rest dropped)."""
-    batches_per_epoch = sampler.length // batch_size
-    if batches_per_epoch == 0:
-        raise ValueError(
-            f"the training set has {sampler.length} samples, fewer than one batch of "
-            f"{batch_size}; lower train.batch_size or add data"
-        )
-    sampler.epoch, offset = divmod(step, batches_per_epoch)
-    sampler.start = offset * batch_size
-    while True:
-        yield from loader
-        sampler.epoch, sampler.start = sampler.epoch + 1, 0
-
-
 def _optimizer(parameters, run: RunConfig) -> torch.optim.Optimizer:
     settings = run.train
     if settings.optimizer == "adam":
@@ -177,9 +90,11 @@ def _schedule(optimizer, run: RunConfig):
 
 
 def test_batches(dataset: Dataset, device: torch.device, num_workers: int = 0,
-                 progress: bool = False) -> Iterator[Any]:
+                 progress: bool = False, world: World | None = None) -> Iterator[Any]:
     """A dataset's samples one per batch (evaluation images may differ in size), on
-    ``device``."""
+    ``device``; with several processes, this process's share (every ``size``-th sample)."""
+    if world is not None and world.distributed:
+        dataset = Subset(dataset, range(world.rank, len(dataset), world.size))
     loader = DataLoader(dataset, batch_size=1, num_workers=num_workers)
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         yield to_device(batch, device)
@@ -194,12 +109,14 @@ def metric_values(metrics) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, dataset: Dataset, run: RunConfig,
-             device: torch.device, progress: bool = True) -> dict[str, float]:
-    """Metrics of ``model`` over ``dataset``, as plain floats."""
+             device: torch.device, progress: bool = True,
+             world: World | None = None) -> dict[str, float]:
+    """Metrics of ``model`` over ``dataset``, as plain floats (with several processes,
+    each evaluates its share and torchmetrics combines them)."""
     was_training = model.training
     model.eval()
     metrics = task.metrics(run.metrics).to(device)
-    for batch in test_batches(dataset, device, run.train.num_workers, progress):
+    for batch in test_batches(dataset, device, run.train.num_workers, progress, world):
         task.update_metrics(metrics, model(*task.model_inputs(batch)), batch)
     model.train(was_training)
     return metric_values(metrics)
@@ -246,107 +163,206 @@ def _build_teacher(task: Task, run: RunConfig, device: torch.device) -> nn.Modul
     return load_weights(teacher, run.teacher["checkpoint"]).to(device)
 
 
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_CONSECUTIVE_SKIPS = 10
+
+
+def _check_settings(settings: TrainSettings) -> None:
+    if settings.amp_dtype not in AMP_DTYPES:
+        raise ConfigError(f"train.amp_dtype must be fp16 or bf16, got {settings.amp_dtype!r}")
+    if settings.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite must be 'stop' or 'skip', got "
+                          f"{settings.on_nonfinite!r}")
+
+
+def _channels_last(batch: Any) -> Any:
+    """4-D floating-point tensors of a (nested) batch in channels-last memory format."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 4 and batch.is_floating_point():
+            return batch.contiguous(memory_format=torch.channels_last)
+        return batch
+    if isinstance(batch, dict):
+        return {k: _channels_last(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_channels_last(v) for v in batch)
+    return batch
+
+
 def train(run: RunConfig, task: Task, resume: bool = True, progress: bool = True) -> dict:
-    """Train ``run``'s model on ``task``; returns the final evaluation metrics."""
-    settings = run.train
-    device = resolve_device(settings.device)
+    """Train ``run``'s model on ``task``; returns the final evaluation metrics. Under
+    ``torchrun`` every process calls this; see :mod:`kdkit.distributed`."""
+    _check_settings(run.train)
+    world = setup_world(resolve_device(run.train.device))
+    try:
+        return _train(run, task, resume, progress and world.is_main, world)
+    finally:
+        end_world(world)
+
+
+def _train(run: RunConfig, task: Task, resume: bool, progress: bool, world: World) -> dict:
+    settings, device = run.train, world.device
     out_dir = Path(run.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
     torch.manual_seed(settings.seed)
     model = build_model(task, run.model).to(device)
     if run.sparsity:
         prepare_for_sparsity(model)
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+
+    def prepare(batch: Any) -> Any:
+        batch = to_device(batch, device)
+        return _channels_last(batch) if settings.channels_last else batch
+
     train_set, eval_set = task.datasets(run.data)
-    sampler = ResumableSampler(len(train_set), settings.seed)
-    loader = DataLoader(train_set, batch_size=settings.batch_size, sampler=sampler,
+    sampler = ResumableSampler(len(train_set), settings.seed, world.rank, world.size)
+    loader = DataLoader(KeyedSamples(train_set, settings.seed),
+                        batch_size=settings.batch_size, sampler=sampler,
                         num_workers=settings.num_workers, drop_last=True,
                         pin_memory=device.type == "cuda")
-    distiller = None
-    module: nn.Module = model
-    teacher = _build_teacher(task, run, device) if run.teacher or run.distillation else None
-    if teacher is not None:
+    teacher = None
+    if run.teacher or run.distillation:
+        teacher = _build_teacher(task, run, device).to(memory_format=memory_format)
         teacher.eval().requires_grad_(False)
+    student: nn.Module = model  # the frozen teacher is never wrapped
+    if world.distributed:
+        student = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
+    if settings.compile:
+        student = torch.compile(student, backend=settings.compile_backend)
+    distiller = None
     if run.distillation:
-        example = to_device(next(iter(DataLoader(train_set, batch_size=2))), device)
-        distiller = Distiller(teacher, model, run.distillation,
+        example = prepare(next(iter(DataLoader(train_set, batch_size=2))))
+        distiller = Distiller(teacher, student, run.distillation,
                               example_inputs=task.model_inputs(example))
-        module = distiller
-    parameters = distiller.trainable_parameters() if distiller else list(model.parameters())
+    extras = [p for m in (distiller.adapters, distiller.losses) for p in m.parameters()
+              if p.requires_grad] if distiller else []
+    parameters = [p for p in model.parameters() if p.requires_grad] + extras
     optimizer = _optimizer(parameters, run)
     schedule = _schedule(optimizer, run)
-    amp = settings.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    amp_dtype = AMP_DTYPES[settings.amp_dtype]
+    amp = settings.amp and (device.type == "cuda" or amp_dtype == torch.bfloat16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
     step = 0
     checkpoint_path = out_dir / CHECKPOINT
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, device)
-        module.load_state_dict(state["model"])
+        if distiller is not None and "distiller" not in state:
+            raise ValueError(f"{checkpoint_path} holds no distillation adapters (another run's "
+                             "or an older kdkit's checkpoint); start afresh with --no-resume")
+        model.load_state_dict(state["model"])
+        if distiller is not None:
+            distiller.adapters.load_state_dict(state["distiller"]["adapters"])
+            distiller.losses.load_state_dict(state["distiller"]["losses"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"].cpu())
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         step = int(state["step"])
         if progress:
             print(f"resuming {out_dir} from step {step}")
+    last_checkpoint = step
 
     def checkpoint(at: int) -> None:
-        save_atomic({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                     "step": at, "rng": torch.get_rng_state()}, checkpoint_path)
+        nonlocal last_checkpoint
+        last_checkpoint = at
+        if not world.is_main:
+            return
+        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                   "step": at, "rng": torch.get_rng_state()}
+        if distiller is not None:
+            payload["distiller"] = {"adapters": distiller.adapters.state_dict(),
+                                    "losses": distiller.losses.state_dict()}
+        if device.type == "cuda":
+            payload["cuda_rng"] = torch.cuda.get_rng_state(device)
+        save_atomic(payload, checkpoint_path)
 
-    log_path = out_dir / LOG
-    batches = _batches(loader, sampler, settings.batch_size, step)
-    module.train()
+    def log(record: dict) -> None:
+        if world.is_main:
+            _log(out_dir / LOG, record)
+
+    batches = endless_batches(loader, sampler, settings.batch_size, step)
+    (distiller or student).train()
     bar = tqdm(range(step, settings.steps), initial=step, total=settings.steps,
                desc=f"train {out_dir.name}", disable=not progress, mininterval=1.0)
-    started = time.perf_counter()
+    started, skipped_in_a_row = time.perf_counter(), 0
     for step in bar:
-        batch = to_device(next(batches), device)
-        with torch.autocast(device.type, enabled=amp):
+        batch = prepare(next(batches))
+        done = step + 1
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             inputs = task.model_inputs(batch)
             if distiller is not None:
                 out = distiller(*inputs)
                 prediction, teacher_prediction = out.student_output, out.teacher_output
                 terms = {k: v for k, v in out.losses.items() if k != "total"}
             else:
-                prediction, teacher_prediction, terms = model(*inputs), None, {}
-                if teacher is not None:  # a teacher for the task losses alone (Hinton)
+                prediction, teacher_prediction, terms = student(*inputs), None, {}
+                if teacher is not None:  # a teacher for the task losses alone
                     with torch.no_grad():
                         teacher_prediction = teacher(*inputs)
             terms = {**task.losses(prediction, batch, teacher_prediction, run.loss), **terms}
             if run.sparsity:
                 terms["bn_l1"] = bn_l1_penalty(model, run.sparsity)
         total = sum(terms.values())
+        skip = agree(not bool(torch.isfinite(total)), world)
+        if skip:
+            bad = {k: v.item() for k, v in terms.items() if not torch.isfinite(v)}
+            where = f"loss term(s) {bad}" if bad else "a loss on another process"
+            if settings.on_nonfinite == "stop":
+                raise FloatingPointError(
+                    f"{where} became non-finite at step {done}; the run stopped. The last "
+                    f"checkpoint (step {last_checkpoint}) is intact: resume from it with a "
+                    "lower train.lr or a train.grad_clip, or set train.on_nonfinite: skip")
+            skipped_in_a_row += 1
+            log({"kind": "skip", "step": done, "terms": sorted(bad)})
+            if world.is_main:
+                tqdm.write(f"step {done}: skipped, {where} non-finite")
+            if skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+                raise FloatingPointError(
+                    f"{where} stayed non-finite for {skipped_in_a_row} steps in a row (to step "
+                    f"{done}); the run stopped. The last checkpoint (step {last_checkpoint}) "
+                    "is intact; lower train.lr or add train.grad_clip")
+        else:
+            skipped_in_a_row = 0
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        if settings.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        scaler.scale(total).backward()  # also when skipping: DDP expects every backward
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            average_gradients(extras, world)
+            if settings.grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
         schedule.step()
-        done = step + 1
-        if done % settings.log_every == 0 or done == settings.steps:
+        if not skip and (done % settings.log_every == 0 or done == settings.steps):
             record = {"step": done, "total": total.item(),
                       **{k: v.item() for k, v in terms.items()},
                       "lr": schedule.get_last_lr()[0],
                       "ms_per_step": 1e3 * (time.perf_counter() - started) / settings.log_every}
             started = time.perf_counter()
-            _log(log_path, {"kind": "train", **record})
+            log({"kind": "train", **record})
             bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"},
                             refresh=False)
         if settings.checkpoint_every and done % settings.checkpoint_every == 0:
             checkpoint(done)
         if settings.eval_every and done % settings.eval_every == 0 and done < settings.steps:
-            metrics = evaluate(task, model, eval_set, run, device, progress)
-            _log(log_path, {"kind": "eval", "step": done, **metrics})
-            tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            metrics = evaluate(task, model, eval_set, run, device, progress, world)
+            log({"kind": "eval", "step": done, **metrics})
+            if progress:
+                tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}"
+                                                         for k, v in metrics.items()))
     checkpoint(settings.steps)
-    save_atomic({"model": model.state_dict()}, out_dir / WEIGHTS)
-    metrics = evaluate(task, model, eval_set, run, device, progress)
-    _log(log_path, {"kind": "eval", "step": settings.steps, **metrics})
+    if world.is_main:
+        save_atomic({"model": model.state_dict()}, out_dir / WEIGHTS)
+    metrics = evaluate(task, model, eval_set, run, device, progress, world)
+    log({"kind": "eval", "step": settings.steps, **metrics})
     if progress:
         print(f"{out_dir}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics
-

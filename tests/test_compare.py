@@ -31,7 +31,8 @@ def compare_config(tmp_path, **extra):
         "out_dir": str(tmp_path / "cmp"),
         "seeds": [0],
         "methods": "methods.yaml",
-        "report": {"examples": 2, "flops_size": [64, 64], "smoke_scale": True},
+        "report": {"examples": 2, "flops_size": [64, 64], "latency_size": [32, 32],
+                   "smoke_scale": True},
         "teacher": {"model": TEACHER, "train": {"steps": 3}},
         "base": {
             "model": NARROW,

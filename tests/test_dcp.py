@@ -7,10 +7,11 @@ import torch
 import yaml
 from torch import nn
 
+from kdkit.checkpoint import load_checkpoint
 from kdkit.cli import main
 from kdkit.pruning import load_pruned
 from kdkit.task import load_task
-from kdkit.train import build_model, load_checkpoint
+from kdkit.train import build_model
 
 WIDE = {"name": "dim", "encoder_channels": [[8], [16], [16], [16], [16]],
         "decoder_channels_dim": [16, 16, 16, 8, 1]}

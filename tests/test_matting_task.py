@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
+from kdkit.checkpoint import load_checkpoint
 from kdkit.cli import main
 from kdkit.config import load_run_config
 from kdkit.task import load_task
-from kdkit.train import load_checkpoint
 
 LEMUR = Path(__file__).resolve().parents[2] / "shared" / "data" / "lemur"
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kdkit import kernels
+from kdkit.distributed import all_gather_with_grad
 from kdkit.kernels import DEFAULT_ACCUMULATE
 from kdkit.losses._shapes import require_match, require_min_dims
 
@@ -42,16 +43,22 @@ def batch_similarity_loss(
     teacher: torch.Tensor,
     backend: str = "auto",
     accumulate: str = DEFAULT_ACCUMULATE,
+    gather: bool = False,
 ) -> torch.Tensor:
-    """Tung & Mori: ``B×…`` and ``B×…`` (any sizes after B) → scalar, MSE over ``B·B``."""
+    """Tung & Mori: ``B×…`` and ``B×…`` (any sizes after B) → scalar, MSE over ``B·B``.
+    With ``gather`` in multi-process training the map is over the global batch (every
+    process's samples, gathered with gradients); without, each process's own batch."""
     name = "batch_similarity_loss"
     require_min_dims(name, student, "student", 2, "B×…")
     require_min_dims(name, teacher, "teacher", 2, "B×…")
     require_match(name, "batch size", student, teacher, 0, _SAME_BATCH)
+    if gather:
+        student, teacher = all_gather_with_grad(student), all_gather_with_grad(teacher)
     if student.shape[0] < 2:
         raise ValueError(
             f"{name}: a batch similarity map needs at least 2 samples, found a batch of "
-            f"{student.shape[0]}; use a larger batch or drop the batch term"
+            f"{student.shape[0]}; use a larger batch (per process, unless gather=True) or "
+            "drop the batch term"
         )
     return kernels.batch_similarity(student, teacher, backend, accumulate)
 
@@ -118,9 +125,22 @@ class _SimilarityLoss(nn.Module):
 
 
 class BatchSimilarityLoss(_SimilarityLoss):
-    """Module form of :func:`batch_similarity_loss`."""
+    """Module form of :func:`batch_similarity_loss` (``gather``: the global batch's map
+    in multi-process training)."""
 
     function = staticmethod(batch_similarity_loss)
+
+    def __init__(self, backend: str = "auto", accumulate: str = DEFAULT_ACCUMULATE,
+                 gather: bool = False):
+        super().__init__(backend, accumulate)
+        self.gather = gather
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return batch_similarity_loss(student, teacher, self.backend, self.accumulate,
+                                     self.gather)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, gather={self.gather}"
 
 
 class SpatialSimilarityLoss(_SimilarityLoss):

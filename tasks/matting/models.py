@@ -76,6 +76,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = MULTIPLE) -> tuple[torch.Te
     returns the padded tensor and the original ``(H, W)``."""
     h, w = x.shape[-2:]
     pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    if torch.jit.is_tracing():  # ONNX export: always pad, so any size works in the graph
+        return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect"), (h, w)
     if pad_h or pad_w:
         mode = "reflect" if pad_h < h and pad_w < w else "replicate"
         x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
@@ -96,7 +98,8 @@ class ConvUnit(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Conv units then a 2×2 max-pool: ``B×Cin×H×W`` → (``B×C×H/2×W/2``, indices, size)."""
+    """Conv units then a 2×2 max-pool: ``B×Cin×H×W`` (even H, W) → (``B×C×H/2×W/2``,
+    indices)."""
 
     def __init__(self, in_channels: int, channels: Sequence[int], adapter_to: int | None):
         super().__init__()
@@ -108,12 +111,21 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor):
         x = self.units(x)
-        size = x.shape[-2:]
         pooled, indices = self.pool(x)
         pooled = self.out(pooled)
         if self.adapter is not None:
             self.adapter(pooled)  # recorded by hooks for distillation; not on the main path
-        return pooled, indices, size
+        return pooled, indices
+
+
+def unpool2x(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """2×2 max-unpooling to twice the size (exact here: inputs are padded to a multiple of
+    32): ``B×C×h×w`` values and their pooling indices → ``B×C×2h×2w``. The same placement
+    as ``F.max_unpool2d``, written as a scatter so that it also exports to ONNX (which has no
+    export for the unpooling op)."""
+    plane = torch.zeros_like(x).repeat(1, 1, 2, 2)  # shapes stay dynamic when traced
+    flat = plane.flatten(2).scatter(2, indices.flatten(2), x.flatten(2))
+    return flat.view_as(plane)
 
 
 class DecoderStage(nn.Module):
@@ -121,12 +133,11 @@ class DecoderStage(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.unpool = nn.MaxUnpool2d(2, 2)
         self.conv = nn.Conv2d(in_channels, out_channels, 5, padding=2)
         self.bn = nn.BatchNorm2d(out_channels)
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, size) -> torch.Tensor:
-        return self.bn(self.conv(self.unpool(x, indices, output_size=size)))
+    def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(unpool2x(x, indices)))
 
 
 class DIM(nn.Module):
@@ -163,16 +174,22 @@ class DIM(nn.Module):
         return self._run(x, tie_unpooling=True)
 
     def _run(self, x: torch.Tensor, tie_unpooling: bool) -> torch.Tensor:
+        expected = self.conv1.units[0].conv.in_channels
+        if x.dim() != 4 or x.shape[1] != expected:
+            raise ValueError(
+                f"DIM takes B×{expected}×H×W inputs (RGB normalised with the ImageNet "
+                f"statistics plus trimap/255: tasks.matting.models.network_input), got shape "
+                f"{tuple(x.shape)}")
         x, (h, w) = pad_to_multiple(x)
         trail = []
         for k in range(1, self.depth + 1):
-            x, indices, size = getattr(self, f"conv{k}")(x)
-            trail.append((x, indices, size))
+            x, indices = getattr(self, f"conv{k}")(x)
+            trail.append((x, indices))
         for k in range(self.depth, 0, -1):
-            pooled, indices, size = trail[k - 1]
+            pooled, indices = trail[k - 1]
             if tie_unpooling:
                 x = x + 0 * pooled
-            x = getattr(self, f"deconv{k}")(x, indices, size)
+            x = getattr(self, f"deconv{k}")(x, indices)
         return torch.sigmoid(x)[..., :h, :w]
 
     def distilled_layers(self) -> list[str]:

@@ -61,6 +61,7 @@ class SegmentationData:
     test_root: str | None = None
     crop_size: int = 128
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    camouflage: bool = True  # synthetic: objects textured from the background's palette
 
 
 @dataclass
@@ -90,9 +91,9 @@ class SegmentationTask:
         if data.kind == "synthetic":
             return (
                 seg_data.SyntheticSegmentation("train", data.train_length, data.size,
-                                               data.classes, train_transform),
+                                               data.classes, train_transform, data.camouflage),
                 seg_data.SyntheticSegmentation("test", data.test_length, data.size,
-                                               data.classes, eval_transform),
+                                               data.classes, eval_transform, data.camouflage),
             )
         if data.kind == "folder":
             if data.root is None or data.test_root is None:

@@ -128,7 +128,8 @@ class TrainTransform:
 class EvalTransform:
     """Evaluation view: no crop, resize or flip; checks that the trimap holds only
     ``{0, unknown_value, 255}`` (a dataset with another unknown value fails loudly rather
-    than evaluating the wrong region), then :func:`to_tensors`."""
+    than evaluating the wrong region) and has an unknown region (the metrics are sums over
+    it: an image without one would score a perfect 0), then :func:`to_tensors`."""
 
     def __init__(self, unknown_value: int = DEFAULT_UNKNOWN) -> None:
         self.unknown_value = check_unknown_value(unknown_value)
@@ -136,4 +137,9 @@ class EvalTransform:
     def __call__(self, sample: dict) -> dict:
         out = dict(sample)
         out["trimap"] = normalise_trimap(sample["trimap"], self.unknown_value)
+        if not (out["trimap"] == self.unknown_value).any():
+            raise ValueError(
+                f"sample {sample.get('name', '?')}: its trimap has no unknown pixels (value "
+                f"{self.unknown_value}), so there is nothing to evaluate; check data."
+                "unknown_value, or remove the image from the test set")
         return to_tensors(out)

@@ -1,9 +1,10 @@
-"""Export a finished run's weights as float16 safetensors plus a JSON record.
+"""Ship a finished run's weights inside a package: float16 safetensors plus a JSON record.
 
-    python -m tasks.matting.pretrained.export RUN_DIR NAME --command "..."
+    python -m kdkit.pretrained RUN_DIR OUT --command "..."
 
-writes ``tasks/matting/pretrained/NAME.safetensors`` and ``NAME.json`` (the command, the
-run's config and seed, its last evaluation, training time, library versions, date)."""
+writes ``OUT.safetensors`` and ``OUT.json`` (the command, the run's config and seed, its
+last evaluation, training time, library versions, date). A config loads such weights as
+``checkpoint: package.module:NAME.safetensors`` (see :func:`kdkit.checkpoint.resolve_path`)."""
 
 from __future__ import annotations
 
@@ -17,16 +18,20 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from kdkit.train import load_checkpoint, read_log
+from kdkit.checkpoint import load_checkpoint
+from kdkit.train import read_log
 
-HERE = Path(__file__).parent
+__all__ = ["export"]
 
 
-def export(run_dir: Path, name: str, command: str) -> Path:
+def export(run_dir: Path, out: Path, command: str) -> Path:
+    """Write ``out.safetensors`` (float tensors in float16) and ``out.json`` from the
+    finished run in ``run_dir``; returns the weights' path."""
     state = load_checkpoint(run_dir / "model.pt")["model"]
     tensors = {k: (v.half() if v.is_floating_point() else v).contiguous()
                for k, v in state.items()}
-    target = HERE / f"{name}.safetensors"
+    target = out.with_suffix(".safetensors")
+    target.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, target)
     train = read_log(run_dir, "train")
     record = {
@@ -40,17 +45,17 @@ def export(run_dir: Path, name: str, command: str) -> Path:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
-    (HERE / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return target
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("name")
+    parser.add_argument("out", type=Path, help="output path without suffix")
     parser.add_argument("--command", required=True, help="the command that trained the run")
     args = parser.parse_args()
-    print(f"wrote {export(args.run_dir, args.name, args.command)}")
+    print(f"wrote {export(args.run_dir, args.out, args.command)}")
 
 
 if __name__ == "__main__":
