@@ -72,6 +72,9 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
         torch.testing.assert_close(_weights(ddp)[name], value, rtol=1e-5, atol=1e-6)
     steps = [r["step"] for r in read_log(ddp, "train")]
     assert steps == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes the log
+    # each rank evaluated half the test set; torchmetrics combined the halves
+    assert read_log(ddp, "eval")[-1]["metric"] == pytest.approx(
+        read_log(single, "eval")[-1]["metric"], rel=1e-5)
 
 
 def _distilled(out: Path, gather: bool, teacher: Path, batch: int) -> dict:
