@@ -123,6 +123,11 @@ class FeatureRecorder:
             output; without it such a record is detected on access and rejected, never
             returned corrupted.
 
+        persistent: keep the hooks registered after the first ``__enter__`` (recording
+            only while entered) instead of adding and removing them each time; a model
+            compiled with ``torch.compile`` then sees the same hooks on every call.
+            :meth:`remove` takes them off.
+
     Records are cleared on every ``__enter__``; every call of a module is kept, in order.
     """
 
@@ -132,6 +137,7 @@ class FeatureRecorder:
         source: str = "output",
         detach: bool = False,
         clone: bool | list[str] | tuple[str, ...] = False,
+        persistent: bool = False,
     ):
         if source not in ("output", "input"):
             raise ValueError(f"source must be 'output' or 'input', got {source!r}")
@@ -145,6 +151,7 @@ class FeatureRecorder:
             self._cloned = {_strip_wrapper_prefixes(FeatureRef.parse(n).name) for n in clone}
         self._modules: dict[str, nn.Module] | None = None
         self._handles: list = []
+        self.persistent, self._active = persistent, False
         self._records: dict[str, list[_Record]] = {n: [] for n in self.names}
 
     def initialize(self, model: nn.Module, role: str = "model") -> FeatureRecorder:
@@ -155,19 +162,27 @@ class FeatureRecorder:
     def __enter__(self) -> FeatureRecorder:
         if self._modules is None:
             raise RuntimeError("FeatureRecorder.initialize(model) must be called before use")
-        if self._handles:
+        if self._active:
             raise RuntimeError("FeatureRecorder is already active (nested 'with' on one recorder)")
         for records in self._records.values():
             records.clear()
-        for name, module in self._modules.items():
-            if self.source == "output":
-                handle = module.register_forward_hook(self._output_hook(name))
-            else:
-                handle = module.register_forward_pre_hook(self._input_hook(name))
-            self._handles.append(handle)
+        if not self._handles:
+            for name, module in self._modules.items():
+                if self.source == "output":
+                    handle = module.register_forward_hook(self._output_hook(name))
+                else:
+                    handle = module.register_forward_pre_hook(self._input_hook(name))
+                self._handles.append(handle)
+        self._active = True
         return self
 
     def __exit__(self, *exc) -> None:
+        self._active = False
+        if not self.persistent:
+            self.remove()
+
+    def remove(self) -> None:
+        """Take the hooks off the model (they are added again on the next ``__enter__``)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -187,12 +202,15 @@ class FeatureRecorder:
 
     def _output_hook(self, name: str):
         def hook(module, inputs, output):
-            self._store(name, output)
+            if self._active:
+                self._store(name, output)
 
         return hook
 
     def _input_hook(self, name: str):
         def hook(module, inputs):
+            if not self._active:
+                return
             if not inputs:
                 raise TypeError(f"module {name!r} was called without positional inputs")
             self._store(name, inputs[0])

@@ -153,7 +153,10 @@ class Distiller(nn.Module):
                 names.append(ref)
                 if term.clone:
                     cloned.append(ref)
-        recorder = FeatureRecorder(names, detach=role == "teacher", clone=cloned)
+        # the student's hooks stay registered, so a compiled student sees the same hooks
+        # on every step (recording only inside the Distiller's forward)
+        recorder = FeatureRecorder(names, detach=role == "teacher", clone=cloned,
+                                   persistent=role == "student")
         return recorder.initialize(model, role)
 
     def train(self, mode: bool = True) -> Distiller:

@@ -231,6 +231,7 @@ def _train(run: RunConfig, task: Task, resume: bool, progress: bool, world: Worl
         student = DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None)
     if settings.compile:
+        torch._dynamo.reset()  # no graph compiled for another model (or its hooks) is reused
         student = torch.compile(student, backend=settings.compile_backend)
     distiller = None
     if run.distillation:

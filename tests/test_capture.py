@@ -69,6 +69,23 @@ def test_records_are_cleared_on_entry_and_hooks_removed_on_exit():
     assert not model.shared._forward_hooks
 
 
+def test_persistent_hooks_stay_but_record_only_while_entered():
+    model = SharedTwice()
+    recorder = FeatureRecorder(["shared"], persistent=True).initialize(model)
+    with recorder:
+        model(torch.randn(1, 2, 4, 4))
+    hooks = dict(model.shared._forward_hooks)
+    assert len(hooks) == 1
+    model(torch.randn(1, 2, 4, 4))  # outside: not recorded
+    assert recorder.calls("shared") == 2
+    with recorder:
+        model(torch.randn(1, 2, 4, 4))
+    assert dict(model.shared._forward_hooks) == hooks  # the same hook, not a new one
+    assert recorder.calls("shared") == 2
+    recorder.remove()
+    assert not model.shared._forward_hooks
+
+
 def test_detach_for_the_teacher_side():
     model = SharedTwice()
     recorder = FeatureRecorder(["shared"], detach=True).initialize(model)

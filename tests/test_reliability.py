@@ -225,12 +225,18 @@ def test_a_nan_loss_can_skip_the_step_instead(tmp_path):
 # -- compile, channels-last, bf16 ---------------------------------------------------------
 
 
-def test_compiled_training_step_matches_eager(tmp_path):
+@pytest.mark.parametrize("distil", [False, True])
+def test_compiled_training_step_matches_eager(tmp_path, distil):
+    """The compiled student (with distillation: its hooks still record features)."""
+    torch.manual_seed(1)
+    teacher = tmp_path / "teacher.pt"
+    save_atomic({"model": ToyNet(8).state_dict()}, teacher)
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    train(run_config_from_mapping(toy_run(eager)), ToyTask(), progress=False)
-    train(run_config_from_mapping(toy_run(compiled, compile=True,
-                                          compile_backend="aot_eager")), ToyTask(),
-          progress=False)
+    for out, settings in ((eager, {}), (compiled, {"compile": True,
+                                                   "compile_backend": "aot_eager"})):
+        run = _distilled(out, False, teacher, 4) if distil else toy_run(out)
+        run["train"].update(settings)
+        train(run_config_from_mapping(run), ToyTask(), progress=False)
     for name, value in _weights(eager).items():
         torch.testing.assert_close(_weights(compiled)[name], value, rtol=1e-5, atol=1e-6)
 
