@@ -13,6 +13,7 @@ ones resume, so running the command again continues where it stopped.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,23 +128,27 @@ def _with_teacher(config: CompareConfig, data: dict) -> dict:
     return data
 
 
-def _prune_job(config: CompareConfig, spec: dict, run_dir: Path, seed: int) -> tuple:
+def _prune_job(config: CompareConfig, spec: dict, seed: int) -> tuple:
     """(prune config for :func:`kdkit.dcp.prune_run`, the pruned model's spec) of a
     method with a ``prune:`` block: ``{sparse: <overrides of base for the sparsify run>,
     fractions, ignored, input_size, reinit}``. ``sparse.model: teacher`` sparsifies the
-    teacher's architecture (DCP's full-width student), fresh."""
+    teacher's architecture (DCP's full-width student), fresh. Methods whose blocks differ
+    only in ``reinit`` share one sparsify run and pruned model per seed, in
+    ``out_dir/pruned/<hash of the block>/seed<k>/``."""
     prune = dict(spec)
+    reinit = prune.pop("reinit", True)
+    folder = hashlib.sha1(json.dumps(prune, sort_keys=True).encode()).hexdigest()[:10]
+    shared = Path(config.out_dir) / "pruned" / folder / f"seed{seed}"
     overrides = dict(prune.pop("sparse", {}))
     sparse = deep_merge(config.base, {k: v for k, v in overrides.items() if k != "model"})
     if overrides.get("model") == "teacher":
         sparse["model"] = copy.deepcopy(config.teacher["model"])
     elif "model" in overrides:  # a model is replaced whole, never merged with the base's
         sparse["model"] = copy.deepcopy(overrides["model"])
-    sparse.update(task=config.task, out_dir=str(run_dir / "sparse"))
+    sparse.update(task=config.task, out_dir=str(shared / "sparse"))
     sparse.setdefault("train", {})["seed"] = seed
-    reinit = prune.pop("reinit", True)
     job = {"task": config.task, "sparse": _with_teacher(config, sparse),
-           "output": str(run_dir / "pruned.pt"), **prune}
+           "output": str(shared / "pruned.pt"), **prune}
     return job, {**sparse["model"], "pruned": job["output"], "reinit": reinit}
 
 
@@ -165,7 +170,7 @@ def method_runs(config: CompareConfig, w2: float | None = None) -> list[tuple]:
             data.setdefault("train", {})["seed"] = seed
             job = None
             if prune is not None:
-                job, data["model"] = _prune_job(config, prune, run_dir, seed)
+                job, data["model"] = _prune_job(config, prune, seed)
             _with_teacher(config, data)
             if has_terms and w2 is not None:
                 for term in data["distillation"]:

@@ -113,13 +113,22 @@ def test_pruning_methods_sparsify_prune_and_retrain_inside_compare(tmp_path):
         "loss": {"alpha": 0.5, "teacher_alpha": 0.5},
     }
     path = compare_config(tmp_path)
-    methods = {"student": METHODS["student"], "dcp": dcp}
+    inherit = {**dcp, "prune": {**dcp["prune"], "reinit": False}}
+    methods = {"student": METHODS["student"], "dcp": dcp, "dcp-inherit": inherit}
     (tmp_path / "methods.yaml").write_text(yaml.safe_dump(methods, sort_keys=False))
     assert main(["compare", str(path), "--quiet"]) == 0
-    run_dir = tmp_path / "cmp" / "dcp" / "seed0"
-    assert (run_dir / "sparse" / "model.pt").exists() and (run_dir / "pruned.pt").exists()
+    # the two rows differ only in reinit: one sparsify run and one pruned model, shared
+    shared = list((tmp_path / "cmp" / "pruned").glob("*/seed0"))
+    assert len(shared) == 1
+    assert (shared[0] / "sparse" / "model.pt").exists()
+    for method, reinit in (("dcp", True), ("dcp-inherit", False)):
+        model = yaml.safe_load((tmp_path / "cmp" / method / "seed0" / "config.yaml").read_text())
+        assert model["model"]["pruned"] == str(shared[0] / "pruned.pt")
+        assert model["model"]["reinit"] is reinit
     with open(tmp_path / "cmp" / "report" / "results.csv") as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
-    summary = yaml.safe_load((run_dir / "pruned.json").read_text())
+    summary = yaml.safe_load((shared[0] / "pruned.json").read_text())
     assert int(rows["dcp"]["params"]) == summary["parameters"]["after"]
+    assert rows["dcp-inherit"]["params"] == rows["dcp"]["params"]
+    assert rows["dcp-inherit"]["SAD"] != rows["dcp"]["SAD"]  # inherited ≠ re-initialised
     assert summary["parameters"]["after"] < summary["parameters"]["before"]

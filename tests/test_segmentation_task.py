@@ -45,7 +45,8 @@ def test_tiny_preset_runs_every_method_and_reports_miou_higher_is_better(tmp_pat
     assert int(rows["student"]["params"]) == 771_622
     for pruned in ("ns", "dcp-spkd"):  # half of each part removed from the teacher's width
         assert int(rows[pruned]["params"]) < 0.35 * 1_734_790
-        summary = json.loads((out / pruned / "seed0" / "pruned.json").read_text())
+        run = yaml.safe_load((out / pruned / "seed0" / "config.yaml").read_text())
+        summary = json.loads(Path(run["model"]["pruned"]).with_suffix(".json").read_text())
         assert summary["parameters"]["after"] == int(rows[pruned]["params"])
     assert "ΔmIoU vs student [95% CI]" in table and "higher is better" in table
     # every distillation term was trained and logged under its own name
