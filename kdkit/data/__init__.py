@@ -5,6 +5,7 @@ sheets. Nothing here knows about a particular task."""
 from __future__ import annotations
 
 from .folders import (
+    StemFolders,
     index_folder,
     index_images,
     match_stems,
@@ -20,6 +21,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "SPLIT_SEED_OFFSETS",
     "SeededDataset",
+    "StemFolders",
     "contact_sheet",
     "imread",
     "index_folder",

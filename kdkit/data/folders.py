@@ -6,14 +6,15 @@ Indexing fails on a missing or unmatched file, never skips one silently.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .images import IMAGE_SUFFIXES
 
-__all__ = ["index_folder", "index_images", "match_stems", "require_same_size", "source_files",
-           "source_pairs"]
+__all__ = ["StemFolders", "index_folder", "index_images", "match_stems", "require_same_size",
+           "source_files", "source_pairs"]
 
 _SUFFIX_TEXT = "|".join(IMAGE_SUFFIXES)
 
@@ -66,6 +67,29 @@ def match_stems(images: dict[str, Path], others: dict[str, Path],
             "remove the file"
         )
     return others
+
+
+class StemFolders:
+    """The files of a folder dataset, by sample: ``root/image/<stem>.*`` and the file of the
+    same stem in each companion folder. ``required`` folders must exist and match the images
+    one to one; ``optional`` ones are matched the same way when they exist."""
+
+    def __init__(self, root: str | Path, required: Sequence[str],
+                 optional: Sequence[str] = ()) -> None:
+        root = Path(root)
+        images = index_images(root, required[0])
+        self.files = {"image": images}
+        for key in (*required, *(key for key in optional if (root / key).is_dir())):
+            self.files[key] = match_stems(images, index_folder(root / key), root / key)
+        self.stems = sorted(images)
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def paths(self, index: int) -> tuple[str, dict[str, Path]]:
+        """(stem, folder → path) of sample ``index``."""
+        stem = self.stems[index]
+        return stem, {key: files[stem] for key, files in self.files.items()}
 
 
 def require_same_size(sample: dict, paths: dict[str, Path], reference: str) -> None:

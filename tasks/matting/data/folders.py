@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from kdkit.data import index_folder, index_images, match_stems, read_image, require_same_size
+from kdkit.data import StemFolders, index_folder, read_image, require_same_size
 
 from .files import read_alpha, read_trimap
 from .trimaps import DEFAULT_UNKNOWN, check_unknown_value, eval_trimap, random_trimap
@@ -57,23 +57,13 @@ class ImageFolderMatting(Dataset):
         self.unknown_value = check_unknown_value(unknown_value)
         self.transform = transform
         self.trimap_radius = trimap_radius
-        images = index_images(self.root, "alpha")
-        self.files = {
-            "image": images,
-            "alpha": match_stems(images, index_folder(self.root / "alpha"), self.root / "alpha"),
-        }
-        for key in ("trimap", "fg", "bg"):
-            folder = self.root / key
-            if folder.is_dir():
-                self.files[key] = match_stems(images, index_folder(folder), folder)
-        self.stems = sorted(images)
+        self.folders = StemFolders(self.root, ["alpha"], ["trimap", "fg", "bg"])
 
     def __len__(self) -> int:
-        return len(self.stems)
+        return len(self.folders)
 
     def __getitem__(self, index: int) -> dict:
-        stem = self.stems[index]
-        paths = {key: files[stem] for key, files in self.files.items()}
+        stem, paths = self.folders.paths(index)
         sample: dict = {"image": read_image(paths["image"]), "alpha": read_alpha(paths["alpha"])}
         if "trimap" in paths:
             sample["trimap"] = read_trimap(paths["trimap"], self.unknown_value)

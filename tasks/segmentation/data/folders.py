@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from kdkit.data import index_folder, index_images, match_stems, read_image, require_same_size
+from kdkit.data import StemFolders, read_image, require_same_size
 
 from .files import check_classes, read_mask, require_png
 
@@ -37,19 +37,15 @@ class FolderSegmentation(Dataset):
         self.root = Path(root)
         self.classes = check_classes(classes)
         self.transform = transform
-        images = index_images(self.root, "mask")
-        masks = match_stems(images, index_folder(self.root / "mask"), self.root / "mask")
-        for path in masks.values():
+        self.folders = StemFolders(self.root, ["mask"])
+        for path in self.folders.files["mask"].values():
             require_png(path)
-        self.files = {"image": images, "mask": masks}
-        self.stems = sorted(images)
 
     def __len__(self) -> int:
-        return len(self.stems)
+        return len(self.folders)
 
     def __getitem__(self, index: int) -> dict:
-        stem = self.stems[index]
-        paths = {key: files[stem] for key, files in self.files.items()}
+        stem, paths = self.folders.paths(index)
         sample: dict = {
             "image": read_image(paths["image"]),
             "mask": read_mask(paths["mask"], self.classes),
