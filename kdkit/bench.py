@@ -24,7 +24,8 @@ import torch
 from kdkit import kernels
 from kdkit.losses import spatial_channel_similarity_loss, spatial_similarity_loss
 
-__all__ = ["Case", "Result", "paper_cases", "measure_ceilings", "run_benchmarks", "write_report"]
+__all__ = ["Case", "Result", "paper_cases", "measure_ceilings", "median_ms", "run_benchmarks",
+           "write_report"]
 
 # the papers' conv2..conv5 after pooling: (stride, student channels, teacher channels)
 PAPER_LAYERS = ((4, 64, 128), (8, 128, 256), (16, 256, 512), (32, 256, 512))
@@ -101,7 +102,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn`` after one warm-up call (CUDA
+    events on a GPU, the wall clock on the CPU)."""
     fn()  # warm up: compilation, allocator, caches
     _synchronize(device)
     times = []
@@ -126,7 +129,7 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     size = (1 << 28) if device.type == "cuda" else (1 << 26)  # bytes per buffer
     source = torch.randn(size // 4, device=device)
     target = torch.empty_like(source)
-    copy_ms = _median_ms(lambda: target.copy_(source), device, 20)
+    copy_ms = median_ms(lambda: target.copy_(source), device, 20)
     ceilings = {"copy_gb_s": 2 * size / copy_ms / 1e6}
     previous_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -136,7 +139,7 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
                            (torch.float64, "matmul_fp64_gflop_s")):
             a = torch.randn(edge, edge, device=device, dtype=dtype)
             b = torch.randn(edge, edge, device=device, dtype=dtype)
-            ms = _median_ms(lambda a=a, b=b: a @ b, device, 10)
+            ms = median_ms(lambda a=a, b=b: a @ b, device, 10)
             ceilings[key] = 2 * edge**3 / ms / 1e6
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous_tf32
@@ -252,11 +255,11 @@ def run_case(case, backend, accumulate, device, ceilings, repeats, dtype=torch.f
     forward, forward_backward = _loss_fn(case, pairs, backend, accumulate)
     try:
         with torch.no_grad():
-            result.forward_ms = _median_ms(forward, device, repeats)
+            result.forward_ms = median_ms(forward, device, repeats)
         with _PeakMemory(device) as memory:
             forward_backward()
         result.peak_extra_mb = memory.peak_mb
-        result.forward_backward_ms = _median_ms(forward_backward, device, repeats)
+        result.forward_backward_ms = median_ms(forward_backward, device, repeats)
     except (RuntimeError, MemoryError) as error:
         if not _is_oom(error) and not isinstance(error, MemoryError):
             raise

@@ -10,9 +10,7 @@ it; otherwise latency is measured with PyTorch.
 from __future__ import annotations
 
 import importlib.util
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -20,7 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdkit.bench import median_ms
+
 __all__ = ["cpu_latency_ms", "export_onnx", "has_onnxruntime"]
+
+CPU = torch.device("cpu")
 
 
 def has_onnxruntime() -> bool:
@@ -59,16 +61,6 @@ def export_onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str | 
     return path
 
 
-def _median_ms(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
 def cpu_latency_ms(model: nn.Module, inputs: tuple[torch.Tensor, ...],
                    repeats: int = 5) -> tuple[float, str]:
     """(median ms of one forward on the CPU after a warm-up, runtime used): onnxruntime
@@ -82,6 +74,6 @@ def cpu_latency_ms(model: nn.Module, inputs: tuple[torch.Tensor, ...],
             session = onnxruntime.InferenceSession(str(path),
                                                    providers=["CPUExecutionProvider"])
         feed = {f"input{i}": x.numpy() for i, x in enumerate(inputs)}
-        return _median_ms(lambda: session.run(None, feed), repeats), "onnxruntime"
+        return median_ms(lambda: session.run(None, feed), CPU, repeats), "onnxruntime"
     with torch.inference_mode():
-        return _median_ms(lambda: model(*inputs), repeats), "torch"
+        return median_ms(lambda: model(*inputs), CPU, repeats), "torch"
