@@ -180,6 +180,19 @@ def test_triton_input_dtypes(dtype, accumulate):
 
 
 @needs_triton
+def test_triton_takes_student_and_teacher_of_different_dtypes():
+    # a bf16 student under autocast against a float32 teacher: promoted to float32, the
+    # gradient comes back in the student's dtype
+    s = features((2, 6, 50), torch.bfloat16, seed=17).view(2, 6, 5, 10)
+    t = features((2, 40, 50), seed=18).view(2, 40, 5, 10)
+    expected, expected_grad = float64_loss_and_grad(spatial_similarity_loss, s, t)
+    loss, grad = loss_and_grad(spatial_similarity_loss, s, t, "triton", "fp64")
+    assert grad.dtype == torch.bfloat16
+    assert loss.item() == pytest.approx(expected, rel=1e-6)  # a float32 result
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-2, atol=1e-6)
+
+
+@needs_triton
 def test_triton_takes_channels_last_and_non_contiguous_inputs():
     s = features((2, 8, 36), seed=13).view(2, 8, 6, 6)
     t = features((2, 8, 36), seed=14).view(2, 8, 6, 6)

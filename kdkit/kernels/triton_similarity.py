@@ -67,35 +67,50 @@ def _inverse_norms(
 
 
 @triton.jit
-def _load_stacked(
-    t_ptr, s_ptr, rt_ptr, rs_ptr, b, offs_r, offs_n, Ct, R, N,
-    t_sb, t_sc, t_sn, s_sb, s_sc, s_sn, acc_type: tl.constexpr, NORMALISE: tl.constexpr,
+def _load_rows(
+    x_ptr, inv_ptr, b, rows, offs_n, C, N, sb, sc, sn,
+    acc_type: tl.constexpr, NORMALISE: tl.constexpr,
 ):
-    """Rows ``offs_r`` × positions ``offs_n`` of H = [T; S] (raw) and of Ĥ (normalised)."""
-    in_n = offs_n[None, :] < N
-    is_t = offs_r[:, None] < Ct
-    is_s = (offs_r[:, None] >= Ct) & (offs_r[:, None] < R)
-    t_rows = tl.where(is_t, offs_r[:, None], 0)
-    s_rows = tl.where(is_s, offs_r[:, None] - Ct, 0)
-    t_val = tl.load(t_ptr + b * t_sb + t_rows * t_sc + offs_n[None, :] * t_sn,
-                    mask=is_t & in_n, other=0.0).to(acc_type)
-    s_val = tl.load(s_ptr + b * s_sb + s_rows * s_sc + offs_n[None, :] * s_sn,
-                    mask=is_s & in_n, other=0.0).to(acc_type)
-    raw = t_val + s_val
+    """Rows ``rows`` × positions ``offs_n`` of one feature map, raw and (if asked) each
+    position divided by its norm (``inv_ptr``: ``B×N`` inverse norms); zero outside."""
+    mask_n = offs_n < N
+    mask = (rows[:, None] < C) & mask_n[None, :]
+    raw = tl.load(x_ptr + b * sb + rows[:, None] * sc + offs_n[None, :] * sn,
+                  mask=mask, other=0.0).to(acc_type)
     if NORMALISE:
-        mask_n = offs_n < N
-        rt = tl.load(rt_ptr + b * N + offs_n, mask=mask_n, other=0.0).to(acc_type)
-        rs = tl.load(rs_ptr + b * N + offs_n, mask=mask_n, other=0.0).to(acc_type)
-        scaled = raw * tl.where(is_t, rt[None, :], rs[None, :])
+        inverse = tl.load(inv_ptr + b * N + offs_n, mask=mask_n, other=0.0).to(acc_type)
+        scaled = raw * inverse[None, :]
     else:
         scaled = raw
     return raw, scaled
 
 
 @triton.jit
+def _block_source(
+    t_ptr, s_ptr, rt_ptr, rs_ptr, block, t_blocks, Ct, Cs,
+    t_sb, t_sc, t_sn, s_sb, s_sc, s_sn, BLOCK_R: tl.constexpr,
+):
+    """Row block ``block`` of H = [T; S], laid out with T's rows padded to whole blocks so
+    that a block lies in one tensor: that tensor (pointer, inverse norms, rows, strides)
+    and the block's rows in it and in H (−1 past the tensor's end). Scalar selects, no
+    branch, so the loads that follow can be pipelined."""
+    is_t = block < t_blocks
+    x_ptr = tl.where(is_t, t_ptr, s_ptr)
+    inv_ptr = tl.where(is_t, rt_ptr, rs_ptr)
+    C = tl.where(is_t, Ct, Cs)
+    sb = tl.where(is_t, t_sb, s_sb)
+    sc = tl.where(is_t, t_sc, s_sc)
+    sn = tl.where(is_t, t_sn, s_sn)
+    rows = (block - tl.where(is_t, 0, t_blocks)).to(tl.int64) * BLOCK_R
+    rows += tl.arange(0, BLOCK_R).to(tl.int64)
+    index = tl.where(rows < C, rows + tl.where(is_t, 0, Ct), -1)
+    return x_ptr, inv_ptr, C, sb, sc, sn, rows, index
+
+
+@triton.jit
 def _gram(
     t_ptr, s_ptr, rt_ptr, rs_ptr, gn_ptr, gr_ptr,
-    Ct, R, N, positions_per_split, num_blocks,
+    Ct, Cs, N, positions_per_split, t_blocks, num_blocks,
     t_sb, t_sc, t_sn, s_sb, s_sc, s_sn,
     NORMALISE: tl.constexpr, RAW: tl.constexpr, ACC64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -110,27 +125,30 @@ def _gram(
     if bi > bj:
         return
     acc_type = tl.float64 if ACC64 else tl.float32
-    offs_i = bi.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_j = bj.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    xi, inv_i, ci, sb_i, sc_i, sn_i, rows_i, index_i = _block_source(
+        t_ptr, s_ptr, rt_ptr, rs_ptr, bi, t_blocks, Ct, Cs,
+        t_sb, t_sc, t_sn, s_sb, s_sc, s_sn, BLOCK_R)
+    xj, inv_j, cj, sb_j, sc_j, sn_j, rows_j, index_j = _block_source(
+        t_ptr, s_ptr, rt_ptr, rs_ptr, bj, t_blocks, Ct, Cs,
+        t_sb, t_sc, t_sn, s_sb, s_sc, s_sn, BLOCK_R)
     acc_n = tl.zeros([BLOCK_R, BLOCK_R], dtype=acc_type)
     acc_r = tl.zeros([BLOCK_R, BLOCK_R], dtype=acc_type)
     start = split * positions_per_split
     for n0 in range(0, positions_per_split, BLOCK_N):
         offs_n = start + n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         offs_n = tl.where(offs_n < start + positions_per_split, offs_n, N)  # mask: past N
-        raw_i, scaled_i = _load_stacked(t_ptr, s_ptr, rt_ptr, rs_ptr, b, offs_i, offs_n, Ct,
-                                        R, N, t_sb, t_sc, t_sn, s_sb, s_sc, s_sn, acc_type,
-                                        NORMALISE)
-        raw_j, scaled_j = _load_stacked(t_ptr, s_ptr, rt_ptr, rs_ptr, b, offs_j, offs_n, Ct,
-                                        R, N, t_sb, t_sc, t_sn, s_sb, s_sc, s_sn, acc_type,
-                                        NORMALISE)
+        raw_i, scaled_i = _load_rows(xi, inv_i, b, rows_i, offs_n, ci, N, sb_i, sc_i, sn_i,
+                                     acc_type, NORMALISE)
+        raw_j, scaled_j = _load_rows(xj, inv_j, b, rows_j, offs_n, cj, N, sb_j, sc_j, sn_j,
+                                     acc_type, NORMALISE)
         if NORMALISE:
             acc_n += tl.dot(scaled_i, tl.trans(scaled_j), input_precision="ieee",
                             out_dtype=acc_type)
         if RAW:
             acc_r += tl.dot(raw_i, tl.trans(raw_j), input_precision="ieee", out_dtype=acc_type)
-    out = ((split * tl.num_programs(0) + b) * R + offs_i[:, None]) * R + offs_j[None, :]
-    mask = (offs_i[:, None] < R) & (offs_j[None, :] < R)
+    R = Ct + Cs
+    out = ((split * tl.num_programs(0) + b) * R + index_i[:, None]) * R + index_j[None, :]
+    mask = (index_i[:, None] >= 0) & (index_j[None, :] >= 0)
     if NORMALISE:
         tl.store(gn_ptr + out, acc_n, mask=mask)
     if RAW:
@@ -138,9 +156,32 @@ def _gram(
 
 
 @triton.jit
+def _gram_grad_part(
+    acc_n, acc_r, x_ptr, inv_ptr, wn_ptr, wr_ptr, b, offs_c, offs_n, C, Cs, N, R, first,
+    sb, sc, sn,
+    NORMALISE: tl.constexpr, RAW: tl.constexpr, acc_type: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc += W[:, first:first+C] · X over one tensor X (``C`` rows) of H."""
+    for k0 in range(0, C, BLOCK_K):
+        rows = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        raw, scaled = _load_rows(x_ptr, inv_ptr, b, rows, offs_n, C, N, sb, sc, sn,
+                                 acc_type, NORMALISE)
+        w_offs = (b * Cs + offs_c[:, None]) * R + first + rows[None, :]
+        w_mask = (offs_c[:, None] < Cs) & (rows[None, :] < C)
+        if NORMALISE:
+            w = tl.load(wn_ptr + w_offs, mask=w_mask, other=0.0).to(acc_type)
+            acc_n += tl.dot(w, scaled, input_precision="ieee", out_dtype=acc_type)
+        if RAW:
+            w = tl.load(wr_ptr + w_offs, mask=w_mask, other=0.0).to(acc_type)
+            acc_r += tl.dot(w, raw, input_precision="ieee", out_dtype=acc_type)
+    return acc_n, acc_r
+
+
+@triton.jit
 def _gram_grad(
     t_ptr, s_ptr, rt_ptr, rs_ptr, wn_ptr, wr_ptr, gn_ptr, gr_ptr,
-    Ct, Cs, R, N,
+    Ct, Cs, N,
     t_sb, t_sc, t_sn, s_sb, s_sc, s_sn,
     NORMALISE: tl.constexpr, RAW: tl.constexpr, ACC64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -153,18 +194,13 @@ def _gram_grad(
     acc_type = tl.float64 if ACC64 else tl.float32
     acc_n = tl.zeros([BLOCK_C, BLOCK_N], dtype=acc_type)
     acc_r = tl.zeros([BLOCK_C, BLOCK_N], dtype=acc_type)
-    for k0 in range(0, R, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        raw, scaled = _load_stacked(t_ptr, s_ptr, rt_ptr, rs_ptr, b, offs_k, offs_n, Ct, R, N,
-                                    t_sb, t_sc, t_sn, s_sb, s_sc, s_sn, acc_type, NORMALISE)
-        w_offs = (b * Cs + offs_c[:, None]) * R + offs_k[None, :]
-        w_mask = (offs_c[:, None] < Cs) & (offs_k[None, :] < R)
-        if NORMALISE:
-            w = tl.load(wn_ptr + w_offs, mask=w_mask, other=0.0).to(acc_type)
-            acc_n += tl.dot(w, scaled, input_precision="ieee", out_dtype=acc_type)
-        if RAW:
-            w = tl.load(wr_ptr + w_offs, mask=w_mask, other=0.0).to(acc_type)
-            acc_r += tl.dot(w, raw, input_precision="ieee", out_dtype=acc_type)
+    R = Ct + Cs
+    acc_n, acc_r = _gram_grad_part(acc_n, acc_r, t_ptr, rt_ptr, wn_ptr, wr_ptr, b, offs_c,
+                                   offs_n, Ct, Cs, N, R, 0, t_sb, t_sc, t_sn,
+                                   NORMALISE, RAW, acc_type, BLOCK_K)
+    acc_n, acc_r = _gram_grad_part(acc_n, acc_r, s_ptr, rs_ptr, wn_ptr, wr_ptr, b, offs_c,
+                                   offs_n, Cs, Cs, N, R, Ct, s_sb, s_sc, s_sn,
+                                   NORMALISE, RAW, acc_type, BLOCK_K)
     out = (b * Cs + offs_c[:, None]) * N + offs_n[None, :]
     mask = (offs_c[:, None] < Cs) & (offs_n[None, :] < N)
     if NORMALISE:
@@ -220,14 +256,49 @@ def _flat(f: torch.Tensor) -> torch.Tensor:
     return f.flatten(2) if f.dim() > 3 else f
 
 
+# Tile caps and launch options, keyed by (float64 accumulation, normalised and raw Grams
+# both): the largest tiles with which no variant spills registers when compiled for sm_80
+# and sm_90 (`python -m kdkit.kernels.resources` compiles them all and reports; a test
+# checks it). Chosen from static resource use, not yet from GPU timings.
+_GRAM_TILES = {  # BLOCK_R cap, BLOCK_N, num_warps, num_stages
+    (True, True): (32, 32, 8, 3),
+    (True, False): (64, 32, 8, 3),
+    (False, True): (32, 32, 8, 3),
+    (False, False): (64, 16, 8, 3),
+}
+_GRAM_GRAD_TILES = {  # BLOCK_C cap, BLOCK_K cap, BLOCK_N, num_warps, num_stages
+    (True, True): (32, 32, 64, 8, 3),
+    (True, False): (64, 32, 64, 8, 3),
+    (False, True): (32, 32, 32, 8, 3),
+    (False, False): (32, 32, 64, 8, 3),
+}
+KERNELS = ("_inverse_norms", "_gram", "_gram_grad", "_normalise_grad")
+
+
+def launch_settings(kernel: str, ct: int, cs: int, acc64: bool, both: bool) -> dict:
+    """Tile sizes (constexprs) plus ``num_warps``/``num_stages`` of one launch of
+    ``kernel`` for ``ct`` teacher and ``cs`` student channels (``cs``: the channels of
+    the one map for ``_inverse_norms``); ``both``: normalised and raw Grams at once."""
+    if kernel == "_gram":
+        cap, block_n, warps, stages = _GRAM_TILES[acc64, both]
+        return dict(BLOCK_R=_block(max(ct, cs), cap), BLOCK_N=block_n,
+                    num_warps=warps, num_stages=stages)
+    if kernel == "_gram_grad":
+        cap_c, cap_k, block_n, warps, stages = _GRAM_GRAD_TILES[acc64, both]
+        return dict(BLOCK_C=_block(cs, cap_c), BLOCK_K=_block(max(ct, cs), cap_k),
+                    BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    if kernel in ("_inverse_norms", "_normalise_grad"):
+        return dict(BLOCK_C=_block(cs, 32), BLOCK_N=64, num_warps=4, num_stages=3)
+    raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+
+
 def _inverse_position_norms(f: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
     batch, channels, n = f.shape
     out = torch.empty(batch, n, device=f.device, dtype=acc_dtype)
-    block_n = 64
-    _inverse_norms[(batch, triton.cdiv(n, block_n))](
-        f, out, channels, n, *f.stride(), EPS,
-        ACC64=acc_dtype == torch.float64, BLOCK_C=_block(channels, 32), BLOCK_N=block_n,
-    )
+    acc64 = acc_dtype == torch.float64
+    settings = launch_settings("_inverse_norms", 0, channels, acc64, False)
+    _inverse_norms[(batch, triton.cdiv(n, settings["BLOCK_N"]))](
+        f, out, channels, n, *f.stride(), EPS, ACC64=acc64, **settings)
     return out
 
 
@@ -257,8 +328,10 @@ class _StackedGram(torch.autograd.Function):
             _inverse_position_norms(teacher, acc_dtype)
             if normalise and teacher is not None else rs
         )
-        block_r, block_n = _block(r, 64), 64
-        blocks = triton.cdiv(r, block_r)
+        settings = launch_settings("_gram", ct, cs, acc64, normalise and raw)
+        block_r, block_n = settings["BLOCK_R"], settings["BLOCK_N"]
+        t_blocks = triton.cdiv(ct, block_r)
+        blocks = t_blocks + triton.cdiv(cs, block_r)
         splits = _splits(batch, blocks, n, block_n, student.device)
         per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
         splits = triton.cdiv(n, per_split) if n > 0 else 1
@@ -268,9 +341,9 @@ class _StackedGram(torch.autograd.Function):
         gr = torch.zeros(shape, device=dev, dtype=acc_dtype) if raw else rs
         if n > 0:
             _gram[(batch, blocks * blocks, splits)](
-                t, student, rt, rs, gn, gr, ct, r, n, per_split, blocks,
+                t, student, rt, rs, gn, gr, ct, cs, n, per_split, t_blocks, blocks,
                 *t.stride(), *student.stride(),
-                NORMALISE=normalise, RAW=raw, ACC64=acc64, BLOCK_R=block_r, BLOCK_N=block_n,
+                NORMALISE=normalise, RAW=raw, ACC64=acc64, **settings,
             )
         upper = torch.ones(r, r, dtype=torch.bool, device=dev).triu()
         outputs = []
@@ -290,7 +363,6 @@ class _StackedGram(torch.autograd.Function):
         ct, normalise, raw, acc_dtype, no_teacher = ctx.settings
         t = student if no_teacher else teacher
         batch, cs, n = student.shape
-        r = ct + cs
         acc64 = acc_dtype == torch.float64
 
         def student_rows(grad):  # (dG + dGᵀ) restricted to the student's rows, B×Cs×R
@@ -301,21 +373,22 @@ class _StackedGram(torch.autograd.Function):
         wr = student_rows(grad_raw) if raw else rs
         gn = torch.empty(batch, cs, n, device=student.device, dtype=acc_dtype)
         gr = torch.empty_like(gn) if raw else gn
-        block_c, block_k, block_n = _block(cs, 64), _block(r, 32), 64
+        both = normalise and raw
+        settings = launch_settings("_gram_grad", ct, cs, acc64, both)
+        grid = (batch, triton.cdiv(cs, settings["BLOCK_C"]), triton.cdiv(n, settings["BLOCK_N"]))
         if n > 0:
-            _gram_grad[(batch, triton.cdiv(cs, block_c), triton.cdiv(n, block_n))](
-                t, student, rt, rs, wn, wr, gn, gr, ct, cs, r, n,
+            _gram_grad[grid](
+                t, student, rt, rs, wn, wr, gn, gr, ct, cs, n,
                 *t.stride(), *student.stride(),
-                NORMALISE=normalise, RAW=raw, ACC64=acc64,
-                BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_N=block_n,
+                NORMALISE=normalise, RAW=raw, ACC64=acc64, **settings,
             )
         grad_student = torch.empty(batch, cs, n, device=student.device, dtype=acc_dtype)
+        settings = launch_settings("_normalise_grad", ct, cs, acc64, both)
         if n > 0:
-            _normalise_grad[(batch, triton.cdiv(n, block_n))](
+            _normalise_grad[(batch, triton.cdiv(n, settings["BLOCK_N"]))](
                 student, rs, gn, gr, grad_student, cs, n,
                 *student.stride(), EPS,
-                NORMALISE=normalise, RAW=raw, ACC64=acc64,
-                BLOCK_C=_block(cs, 32), BLOCK_N=block_n,
+                NORMALISE=normalise, RAW=raw, ACC64=acc64, **settings,
             )
         return grad_student.to(student.dtype), None, None, None, None
 
@@ -331,7 +404,11 @@ def stacked_gram(
     accumulation dtype (empty when not asked for). Differentiable in ``student`` only."""
     acc_dtype = accumulation_dtype(accumulate)
     student = _flat(student)
-    teacher = None if teacher is None else _flat(teacher.detach())
+    if teacher is not None:
+        teacher = _flat(teacher.detach())
+        if teacher.dtype != student.dtype:  # a block reads either tensor through one pointer
+            common = torch.promote_types(teacher.dtype, student.dtype)
+            student, teacher = student.to(common), teacher.to(common)
     return _StackedGram.apply(student, teacher, normalise, raw, acc_dtype)
 
 
