@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdkit import kernels
 from kdkit.kernels import factored, reference
@@ -177,6 +178,38 @@ def test_triton_input_dtypes(dtype, accumulate):
     tol = TOLERANCE[(name, accumulate)]
     assert abs(loss.item() - expected) <= tol * cancelled_scale(s, t) + 1e-6 * expected
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-2, atol=1e-6)
+
+
+class _LargeAllocations(TorchDispatchMode):
+    """Bytes of the floating-point tensors of at least ``threshold`` elements that ops
+    create (views, in-place ops and the Triton interpreter's host copies excluded)."""
+
+    def __init__(self, threshold):
+        super().__init__()
+        self.threshold, self.bytes = threshold, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if not any(part in name for part in ("set_", "copy_", "view", "detach", "alias")):
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if (isinstance(o, torch.Tensor) and o.is_floating_point()
+                        and o.numel() >= self.threshold):
+                    self.bytes += o.numel() * o.element_size()
+        return out
+
+
+@needs_triton
+@pytest.mark.parametrize("loss_fn", [spatial_channel_similarity_loss, channel_similarity_loss])
+def test_triton_backward_allocates_one_buffer_besides_the_gradient(loss_fn):
+    # at 1024² crops a B×C×N float64 buffer is a GB: the backward may add one float32
+    # buffer of the student's size to the gradient itself, no more
+    s = features((2, 16, 1024), seed=19).view(2, 16, 32, 32).requires_grad_()
+    t = features((2, 16, 1024), seed=20).view(2, 16, 32, 32)
+    loss = loss_fn(s, t, backend="triton", accumulate="fp64")
+    with _LargeAllocations(s.numel() // 2) as allocations:
+        loss.backward()
+    assert allocations.bytes <= 2 * s.numel() * 4
 
 
 @needs_triton

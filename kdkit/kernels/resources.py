@@ -27,7 +27,14 @@ from pathlib import Path
 # per-block shared memory a kernel may use (opt-in maximum), by compute capability
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 CHANNELS = 1024  # the largest channel count the kernels promise: every tile at its cap
-INPUT_POINTERS = {"t_ptr", "s_ptr", "x_ptr"}  # the feature maps; other pointers hold acc
+# pointers holding float32 data with float32 feature maps whatever the accumulation: the
+# maps themselves, the backward's stored products and the gradient; the rest hold acc
+FLOAT32_POINTERS = {
+    "_inverse_norms": {"x_ptr"},
+    "_gram": {"t_ptr", "s_ptr"},
+    "_gram_grad": {"t_ptr", "s_ptr", "gn_ptr", "gr_ptr"},
+    "_normalise_grad": {"s_ptr", "gn_ptr", "gr_ptr", "out_ptr"},
+}
 UNIT_STRIDES = ("t_sn", "s_sn", "stride_n")  # contiguous positions: Triton specialises 1
 
 
@@ -121,7 +128,8 @@ def compile_variant(arch: int, kernel: str, acc64: bool, normalise: bool, raw: b
         if name in constants:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in INPUT_POINTERS else f"*{accumulation}"
+            signature[name] = ("*fp32" if name in FLOAT32_POINTERS[kernel]
+                               else f"*{accumulation}")
         else:
             signature[name] = "fp32" if name == "eps" else "i32"
     compiled = triton.compile(ASTSource(function, signature, constexprs=constants),

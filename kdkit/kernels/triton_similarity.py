@@ -216,7 +216,9 @@ def _normalise_grad(
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """∂L/∂f = g/d − f̂ (f̂ᵀg)/‖f‖ (d = ‖f‖ + eps, f̂ = f/d) per position, plus the raw
-    gradient; grid (B, cdiv(N, BLOCK_N)). Output ``B×Cs×N`` contiguous."""
+    gradient; grid (B, cdiv(N, BLOCK_N)). Output ``B×Cs×N`` contiguous in the student's
+    dtype; it may be the raw gradient's buffer (each element is read, then written, by
+    the same program)."""
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -247,7 +249,11 @@ def _normalise_grad(
             grad += g * inverse[None, :] - f * coefficient[None, :]
         if RAW:
             grad += tl.load(gr_ptr + flat, mask=mask, other=0.0).to(acc_type)
-        tl.store(out_ptr + flat, grad, mask=mask)
+        if out_ptr.dtype.element_ty != tl.float64:
+            # through float32: Triton's interpreter converts float64 to bfloat16 wrongly
+            # (3.9); the cost is at most a double rounding of a half-precision gradient
+            grad = grad.to(tl.float32)
+        tl.store(out_ptr + flat, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _flat(f: torch.Tensor) -> torch.Tensor:
@@ -371,8 +377,18 @@ class _StackedGram(torch.autograd.Function):
 
         wn = student_rows(grad_normalised) if normalise else rs
         wr = student_rows(grad_raw) if raw else rs
-        gn = torch.empty(batch, cs, n, device=student.device, dtype=acc_dtype)
-        gr = torch.empty_like(gn) if raw else gn
+        # g = W Ĥ is summed in acc_dtype inside the kernel; the sum itself needs only the
+        # result's precision, so it is stored in float32 (float64 for a float64 student)
+        dev = student.device
+        store_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        grad_student = torch.empty(batch, cs, n, device=dev, dtype=student.dtype)
+        gn = torch.empty(batch, cs, n, device=dev, dtype=store_dtype) if normalise else rs
+        if not raw:
+            gr = rs
+        elif grad_student.dtype == store_dtype:
+            gr = grad_student  # _normalise_grad adds the normalised part in place
+        else:
+            gr = torch.empty(batch, cs, n, device=dev, dtype=store_dtype)
         both = normalise and raw
         settings = launch_settings("_gram_grad", ct, cs, acc64, both)
         grid = (batch, triton.cdiv(cs, settings["BLOCK_C"]), triton.cdiv(n, settings["BLOCK_N"]))
@@ -382,7 +398,6 @@ class _StackedGram(torch.autograd.Function):
                 *t.stride(), *student.stride(),
                 NORMALISE=normalise, RAW=raw, ACC64=acc64, **settings,
             )
-        grad_student = torch.empty(batch, cs, n, device=student.device, dtype=acc_dtype)
         settings = launch_settings("_normalise_grad", ct, cs, acc64, both)
         if n > 0:
             _normalise_grad[(batch, triton.cdiv(n, settings["BLOCK_N"]))](
@@ -390,7 +405,7 @@ class _StackedGram(torch.autograd.Function):
                 *student.stride(), EPS,
                 NORMALISE=normalise, RAW=raw, ACC64=acc64, **settings,
             )
-        return grad_student.to(student.dtype), None, None, None, None
+        return grad_student, None, None, None, None
 
 
 def stacked_gram(
