@@ -78,6 +78,8 @@ class Result:
     forward_ms: float | None
     forward_backward_ms: float | None
     peak_extra_mb: float | None
+    gradient_mb: float | None = None  # the student gradient every backend must write
+    memory_percent_of_reference: float | None = None
     ratio_to_reference: float | None = None
     floor_ms: float | None = None
     ratio_to_floor: float | None = None
@@ -269,6 +271,7 @@ def run_case(case, backend, accumulate, device, ceilings, repeats, dtype=torch.f
         if device.type == "cuda":
             torch.cuda.empty_cache()
     element = torch.finfo(dtype).bits // 8
+    result.gradient_mb = case.student_elements() * element / 2**20
     moved = (case.elements() + case.student_elements()) * element  # read s, t; write ds
     rate_key = "matmul_fp64_gflop_s" if accumulate == "fp64" else "matmul_fp32_gflop_s"
     result.floor_ms = max(moved / ceilings["copy_gb_s"] / 1e6,
@@ -286,14 +289,19 @@ def run_benchmarks(device: torch.device, batch: int, repeats: int, backends, acc
         f"{k}={v:,.0f}" for k, v in ceilings.items()))
     results = []
     for case in cases or paper_cases(batch):
-        reference_ms = None
+        reference = None
         for backend in backends:
             for accumulate in (["fp32"] if backend == "reference" else accumulates):
                 result = run_case(case, backend, accumulate, device, ceilings, repeats)
                 if backend == "reference":
-                    reference_ms = result.forward_backward_ms
-                elif reference_ms and result.forward_backward_ms:
-                    result.ratio_to_reference = reference_ms / result.forward_backward_ms
+                    reference = result
+                elif reference and reference.forward_backward_ms and result.forward_backward_ms:
+                    result.ratio_to_reference = (reference.forward_backward_ms
+                                                 / result.forward_backward_ms)
+                if (reference and backend != "reference" and reference.peak_extra_mb
+                        and result.peak_extra_mb is not None):
+                    result.memory_percent_of_reference = (
+                        100 * result.peak_extra_mb / reference.peak_extra_mb)
                 results.append(result)
                 progress(_row(result))
     return results, ceilings
@@ -313,7 +321,8 @@ def _fmt(value, digits=2) -> str:
 
 def _row(r: Result) -> str:
     cells = [r.case, r.backend, r.accumulate, _fmt(r.forward_ms), _fmt(r.forward_backward_ms),
-             _fmt(r.peak_extra_mb, 1), _fmt(r.ratio_to_reference, 1),
+             _fmt(r.peak_extra_mb, 1), _fmt(r.gradient_mb, 1),
+             _fmt(r.memory_percent_of_reference, 2), _fmt(r.ratio_to_reference, 1),
              _fmt(r.floor_ms, 3), _fmt(r.ratio_to_floor, 1), r.note]
     return "| " + " | ".join(cells) + " |"
 
@@ -345,7 +354,9 @@ def write_report(results: list[Result], ceilings: dict[str, float], device: torc
         "",
         "Times are medians (CUDA events on a GPU, wall clock on the CPU). Peak extra memory is",
         "above the inputs during one forward+backward (the CUDA allocator's peak, or on the",
-        "CPU the resident-set high-water mark: coarse). `× reference` is reference",
+        "CPU the resident-set high-water mark: coarse); it includes the student gradient",
+        "(`gradient MB`), which every backend must write, and `% of reference` compares it",
+        "with `reference`'s peak. `× reference` is reference",
         "forward+backward time over this backend's; the floor is max(bytes / copy bandwidth,",
         "fewest flops / matmul rate at the accumulation precision), with bytes = read the",
         "features once and write the gradient once, and the fewest flops those of the",
@@ -354,8 +365,8 @@ def write_report(results: list[Result], ceilings: dict[str, float], device: torc
         "Raw numbers: the CSV beside this file.",
         "",
         "| case | backend | accumulate | forward ms | fwd+bwd ms | peak extra MB "
-        "| × reference | floor ms | × floor | note |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| gradient MB | % of reference | × reference | floor ms | × floor | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     md_path.write_text("\n".join(header + [_row(r) for r in results]) + "\n")
     return md_path, csv_path

@@ -1,5 +1,6 @@
 import csv
 
+import pytest
 import torch
 
 from kdkit import bench
@@ -53,4 +54,6 @@ def test_bench_command_writes_table_and_csv(tmp_path, capsys):
     ]
     factored = rows[1]
     assert float(factored["ratio_to_reference"]) > 1 and float(factored["floor_ms"]) > 0
+    assert float(factored["gradient_mb"]) == pytest.approx(64 * 6400 * 4 / 2**20)
+    assert 0 <= float(factored["memory_percent_of_reference"]) < 100
     assert "wrote" in capsys.readouterr().out
