@@ -213,6 +213,26 @@ def test_triton_backward_allocates_one_buffer_besides_the_gradient(loss_fn):
 
 
 @needs_triton
+def test_triton_before_3_9_takes_16_bit_maps_through_float32_for_fp64(monkeypatch):
+    # Triton < 3.9 cannot compile a float64 dot of 16-bit loads: such maps are upcast first,
+    # and the loss and the (bf16) gradient are as without the detour
+    from kdkit.kernels import triton_similarity
+
+    monkeypatch.setattr(triton_similarity, "NARROW_FP64_DOT_BROKEN", True)
+    assert triton_similarity.launch_dtype(torch.bfloat16, torch.float64) == torch.float32
+    assert triton_similarity.launch_dtype(torch.float16, torch.float64) == torch.float32
+    assert triton_similarity.launch_dtype(torch.bfloat16, torch.float32) == torch.bfloat16
+    assert triton_similarity.launch_dtype(torch.float32, torch.float64) == torch.float32
+    s = features((2, 6, 50), torch.bfloat16, seed=21).view(2, 6, 5, 10)
+    t = features((2, 6, 50), torch.bfloat16, seed=22).view(2, 6, 5, 10)
+    expected, expected_grad = float64_loss_and_grad(spatial_channel_similarity_loss, s, t)
+    loss, grad = loss_and_grad(spatial_channel_similarity_loss, s, t, "triton", "fp64")
+    assert grad.dtype == torch.bfloat16
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-2, atol=1e-6)
+
+
+@needs_triton
 def test_triton_takes_student_and_teacher_of_different_dtypes():
     # a bf16 student under autocast against a float32 teacher: promoted to float32, the
     # gradient comes back in the student's dtype

@@ -1,13 +1,16 @@
 """Compile the Triton similarity kernels for a GPU architecture without a GPU, and report
 the registers, spills and shared memory of every launch variant kdkit uses.
 
-    python -m kdkit.kernels.resources --arch 80 90 [--check] [--output FILE.md]
+    python -m kdkit.kernels.resources --arch 80 90 [--inputs fp32 bf16] [--check]
+                                      [--output FILE.md]
 
 Each kernel is compiled ahead of time (``triton.compile`` with an explicit target, then
 Triton's own ``ptxas -v`` on its PTX) at the launch settings :func:`launch_settings` gives for the
 largest channel counts (1024 teacher and student channels: every tile at its cap), for
-float32 and float64 accumulation and for normalised, raw and both Grams. Register spills
-and shared memory over the architecture's per-block limit are what ``--check`` fails on:
+float32 and float64 accumulation, for normalised, raw and both Grams, and for each dtype
+of feature maps asked for (``--inputs``: float32, and bf16 or fp16 for mixed precision).
+Register spills and shared memory over the architecture's per-block limit are what
+``--check`` fails on:
 a spilling kernel runs from local memory and misses the speed targets by a wide margin,
 and one over the shared-memory limit does not launch. It needs Triton with its NVIDIA
 backend (the Linux wheels); timing still needs a GPU (``kdkit bench kernels --device cuda``).
@@ -27,14 +30,16 @@ from pathlib import Path
 # per-block shared memory a kernel may use (opt-in maximum), by compute capability
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 CHANNELS = 1024  # the largest channel count the kernels promise: every tile at its cap
-# pointers holding float32 data with float32 feature maps whatever the accumulation: the
-# maps themselves, the backward's stored products and the gradient; the rest hold acc
-FLOAT32_POINTERS = {
+INPUTS = ("fp32", "bf16", "fp16")
+# pointers to the feature maps and the gradient (the inputs' dtype), and to the backward's
+# stored products (float32 for these inputs); the rest hold the accumulation dtype
+INPUT_POINTERS = {
     "_inverse_norms": {"x_ptr"},
     "_gram": {"t_ptr", "s_ptr"},
-    "_gram_grad": {"t_ptr", "s_ptr", "gn_ptr", "gr_ptr"},
-    "_normalise_grad": {"s_ptr", "gn_ptr", "gr_ptr", "out_ptr"},
+    "_gram_grad": {"t_ptr", "s_ptr"},
+    "_normalise_grad": {"s_ptr", "out_ptr"},
 }
+STORED_POINTERS = {"_gram_grad": {"gn_ptr", "gr_ptr"}, "_normalise_grad": {"gn_ptr", "gr_ptr"}}
 UNIT_STRIDES = ("t_sn", "s_sn", "stride_n")  # contiguous positions: Triton specialises 1
 
 
@@ -43,6 +48,7 @@ class Usage:
     """One compiled variant: where it ran, its settings and what ptxas reports."""
 
     arch: int
+    inputs: str
     kernel: str
     accumulate: str
     grams: str
@@ -108,14 +114,20 @@ def _variants():
                 yield kernel, acc64, normalise, raw
 
 
-def compile_variant(arch: int, kernel: str, acc64: bool, normalise: bool, raw: bool) -> Usage:
-    """Compile one launch variant for ``sm_<arch>`` and read its resource use."""
+def compile_variant(arch: int, inputs: str, kernel: str, acc64: bool, normalise: bool,
+                    raw: bool) -> Usage:
+    """Compile one launch variant for ``sm_<arch>`` and feature maps of dtype ``inputs``
+    (a Triton type name: fp32, bf16, fp16), and read its resource use."""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     module = _kernels()
     function = getattr(module, kernel)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    acc_dtype = torch.float64 if acc64 else torch.float32
+    launched = {v: k for k, v in dtypes.items()}[module.launch_dtype(dtypes[inputs], acc_dtype)]
     settings = module.launch_settings(kernel, CHANNELS, CHANNELS, acc64, normalise and raw)
     options = {key: settings.pop(key) for key in ("num_warps", "num_stages")}
     constants = {**settings, "ACC64": acc64}
@@ -127,9 +139,12 @@ def compile_variant(arch: int, kernel: str, acc64: bool, normalise: bool, raw: b
     for name in function.arg_names:
         if name in constants:
             signature[name] = "constexpr"
+        elif name in INPUT_POINTERS[kernel]:
+            signature[name] = f"*{launched}"
+        elif name in STORED_POINTERS.get(kernel, ()):
+            signature[name] = "*fp32"
         elif name.endswith("_ptr"):
-            signature[name] = ("*fp32" if name in FLOAT32_POINTERS[kernel]
-                               else f"*{accumulation}")
+            signature[name] = f"*{accumulation}"
         else:
             signature[name] = "fp32" if name == "eps" else "i32"
     compiled = triton.compile(ASTSource(function, signature, constexprs=constants),
@@ -137,17 +152,19 @@ def compile_variant(arch: int, kernel: str, acc64: bool, normalise: bool, raw: b
     registers, spills = _ptxas_usage(compiled.asm["ptx"], arch)
     grams = "both" if normalise and raw else "normalised" if normalise else "raw"
     tiles = " ".join(f"{k}={v}" for k, v in settings.items())
-    return Usage(arch, kernel, accumulation, "—" if kernel == "_inverse_norms" else grams,
+    shown = inputs if launched == inputs else f"{inputs} (as {launched})"
+    return Usage(arch, shown, kernel, accumulation, "—" if kernel == "_inverse_norms" else grams,
                  f"{tiles} warps={options['num_warps']} stages={options['num_stages']}",
                  registers, spills, compiled.metadata.shared)
 
 
-def resource_table(archs: list[int], progress=None) -> list[Usage]:
-    """Every launch variant compiled for each architecture in ``archs``."""
+def resource_table(archs: list[int], inputs: list[str], progress=None) -> list[Usage]:
+    """Every launch variant compiled for each architecture and input dtype."""
     rows = []
     for arch in archs:
-        for variant in _variants():
-            rows.append(compile_variant(arch, *variant))
+        for dtype in inputs:
+            for variant in _variants():
+                rows.append(compile_variant(arch, dtype, *variant))
             if progress:
                 progress(rows[-1])
     return rows
@@ -160,19 +177,19 @@ def markdown(rows: list[Usage]) -> str:
         "# Triton kernel resources (compiled ahead of time, no GPU)",
         "",
         f"Generated by `python -m kdkit.kernels.resources`; Triton {triton.__version__}. "
-        f"Float32 feature maps, {CHANNELS} teacher and student channels (every tile at its "
+        f"{CHANNELS} teacher and student channels (every tile at its "
         "cap), unit position stride. Registers and spill stores from `ptxas -v`; shared "
         "memory from Triton's launch metadata, against the per-block limit of the "
         "architecture. These say whether a kernel spills or fits, not how fast it runs.",
         "",
-        "| arch | kernel | accumulate | Grams | settings | registers | spill bytes | "
+        "| arch | inputs | kernel | accumulate | Grams | settings | registers | spill bytes | "
         "shared bytes | problems |",
-        "|---|---|---|---|---|---:|---:|---:|---|",
+        "|---|---|---|---|---|---|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| sm_{r.arch} | `{r.kernel}` | {r.accumulate} | {r.grams} | {r.settings} | "
-            f"{r.registers} | {r.spill_bytes} | {r.shared_bytes:,} | "
+            f"| sm_{r.arch} | {r.inputs} | `{r.kernel}` | {r.accumulate} | {r.grams} | "
+            f"{r.settings} | {r.registers} | {r.spill_bytes} | {r.shared_bytes:,} | "
             f"{'; '.join(r.problems) or 'none'} |")
     return "\n".join(lines) + "\n"
 
@@ -182,12 +199,14 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90],
                         help="compute capabilities, e.g. 80 (A100) 90 (H100/H200)")
+    parser.add_argument("--inputs", nargs="+", choices=INPUTS, default=["fp32"],
+                        help="dtypes of the feature maps (default: fp32)")
     parser.add_argument("--output", type=Path, help="also write the Markdown table here")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when a variant spills or exceeds shared memory")
     args = parser.parse_args(argv)
-    rows = resource_table(args.arch, progress=lambda r: print(
-        f"sm_{r.arch} {r.kernel} {r.accumulate} {r.grams}: {r.registers} registers, "
+    rows = resource_table(args.arch, args.inputs, progress=lambda r: print(
+        f"sm_{r.arch} {r.inputs} {r.kernel} {r.accumulate} {r.grams}: {r.registers} registers, "
         f"{r.spill_bytes} B spilled, {r.shared_bytes} B shared", file=sys.stderr, flush=True))
     table = markdown(rows)
     print(table)
@@ -195,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         args.output.write_text(table)
     bad = [r for r in rows if r.problems]
     for r in bad:
-        print(f"sm_{r.arch} {r.kernel} ({r.accumulate}, {r.grams}): {'; '.join(r.problems)}",
+        print(f"sm_{r.arch} {r.inputs} {r.kernel} ({r.accumulate}, {r.grams}): "
+              f"{'; '.join(r.problems)}",
               file=sys.stderr)
     return 1 if args.check and bad else 0
 

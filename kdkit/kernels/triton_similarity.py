@@ -40,6 +40,21 @@ __all__ = [
 ]
 
 
+# Triton before 3.9 cannot compile a float64 tl.dot whose operands were loaded as 16-bit
+# values ("fp64 don't support largeK MMA"; fixed upstream in 3.9). Seen for sm_80/sm_90 with
+# 3.6.0, 3.7.1 and 3.8.0 by `python -m kdkit.kernels.resources --inputs bf16`.
+NARROW_FP64_DOT_BROKEN = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9)
+
+
+def launch_dtype(dtype: torch.dtype, acc_dtype: torch.dtype) -> torch.dtype:
+    """The dtype that feature maps of ``dtype`` reach the kernels in: float32 for 16-bit
+    maps with float64 accumulation where Triton cannot compile that, else ``dtype``."""
+    narrow = dtype in (torch.float16, torch.bfloat16)
+    if narrow and acc_dtype == torch.float64 and NARROW_FP64_DOT_BROKEN:
+        return torch.float32
+    return dtype
+
+
 def _block(size: int, cap: int) -> int:
     """A power-of-two tile edge ≥ 16 (tl.dot's minimum on the GPU), ≤ ``cap``."""
     return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
@@ -419,11 +434,13 @@ def stacked_gram(
     accumulation dtype (empty when not asked for). Differentiable in ``student`` only."""
     acc_dtype = accumulation_dtype(accumulate)
     student = _flat(student)
-    if teacher is not None:
-        teacher = _flat(teacher.detach())
-        if teacher.dtype != student.dtype:  # a block reads either tensor through one pointer
-            common = torch.promote_types(teacher.dtype, student.dtype)
-            student, teacher = student.to(common), teacher.to(common)
+    teacher = None if teacher is None else _flat(teacher.detach())
+    # one pointer reads a block of either tensor, so both come in one dtype
+    dtype = student.dtype if teacher is None else torch.promote_types(teacher.dtype,
+                                                                      student.dtype)
+    dtype = launch_dtype(dtype, acc_dtype)
+    student = student.to(dtype)
+    teacher = None if teacher is None else teacher.to(dtype)
     return _StackedGram.apply(student, teacher, normalise, raw, acc_dtype)
 
 
