@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,15 +159,23 @@ def compile_variant(arch: int, inputs: str, kernel: str, acc64: bool, normalise:
                  registers, spills, compiled.metadata.shared)
 
 
-def resource_table(archs: list[int], inputs: list[str], progress=None) -> list[Usage]:
-    """Every launch variant compiled for each architecture and input dtype."""
+def _compile_task(task: tuple) -> Usage:
+    return compile_variant(*task)
+
+
+def resource_table(archs: list[int], inputs: list[str], jobs: int = 1,
+                   progress=None) -> list[Usage]:
+    """Every launch variant compiled for each architecture and input dtype, in ``jobs``
+    processes."""
+    tasks = [(arch, dtype, *variant)
+             for arch in archs for dtype in inputs for variant in _variants()]
+    _kernels()  # imported compiled before the workers fork
     rows = []
-    for arch in archs:
-        for dtype in inputs:
-            for variant in _variants():
-                rows.append(compile_variant(arch, dtype, *variant))
+    with ProcessPoolExecutor(max(1, jobs)) as pool:
+        for row in pool.map(_compile_task, tasks):
+            rows.append(row)
             if progress:
-                progress(rows[-1])
+                progress(row)
     return rows
 
 
@@ -201,11 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute capabilities, e.g. 80 (A100) 90 (H100/H200)")
     parser.add_argument("--inputs", nargs="+", choices=INPUTS, default=["fp32"],
                         help="dtypes of the feature maps (default: fp32)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compiler processes (default: one per core)")
     parser.add_argument("--output", type=Path, help="also write the Markdown table here")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when a variant spills or exceeds shared memory")
     args = parser.parse_args(argv)
-    rows = resource_table(args.arch, args.inputs, progress=lambda r: print(
+    rows = resource_table(args.arch, args.inputs, args.jobs, progress=lambda r: print(
         f"sm_{r.arch} {r.inputs} {r.kernel} {r.accumulate} {r.grams}: {r.registers} registers, "
         f"{r.spill_bytes} B spilled, {r.shared_bytes} B shared", file=sys.stderr, flush=True))
     table = markdown(rows)
