@@ -32,9 +32,12 @@ def relative_errors(student, teacher, backend, accumulate):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default="docs/benchmarks")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for, but no CUDA device is visible here; "
+                     "run with --device cpu")
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
     shape = (4, 64, 40, 40)  # batch 4, 64 channels, the papers' conv3 positions
