@@ -130,11 +130,11 @@ def _gram(
     NORMALISE: tl.constexpr, RAW: tl.constexpr, ACC64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Partial Grams over one slice of positions: grid (B, num_blocks², splits); blocks
+    """Partial Grams over one slice of positions: grid (num_blocks², splits, B); blocks
     below the diagonal return at once. Writes gn/gr[split, b, R, R] (normalised / raw)."""
-    b = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
-    split = tl.program_id(2).to(tl.int64)
+    block = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     bi = block // num_blocks
     bj = block % num_blocks
     if bi > bj:
@@ -162,7 +162,7 @@ def _gram(
         if RAW:
             acc_r += tl.dot(raw_i, tl.trans(raw_j), input_precision="ieee", out_dtype=acc_type)
     R = Ct + Cs
-    out = ((split * tl.num_programs(0) + b) * R + index_i[:, None]) * R + index_j[None, :]
+    out = ((split * tl.num_programs(2) + b) * R + index_i[:, None]) * R + index_j[None, :]
     mask = (index_i[:, None] >= 0) & (index_j[None, :] >= 0)
     if NORMALISE:
         tl.store(gn_ptr + out, acc_n, mask=mask)
@@ -202,10 +202,10 @@ def _gram_grad(
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """g[b, c, n] = Σ_r W[b, c, r] Ĥ[b, r, n] for the student rows c; grid
-    (B, cdiv(Cs, BLOCK_C), cdiv(N, BLOCK_N)). W is ``B×Cs×R`` contiguous, g ``B×Cs×N``."""
-    b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_n = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    (cdiv(Cs, BLOCK_C), cdiv(N, BLOCK_N), B). W is ``B×Cs×R`` contiguous, g ``B×Cs×N``."""
+    offs_c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = tl.program_id(2).to(tl.int64)
     acc_type = tl.float64 if ACC64 else tl.float32
     acc_n = tl.zeros([BLOCK_C, BLOCK_N], dtype=acc_type)
     acc_r = tl.zeros([BLOCK_C, BLOCK_N], dtype=acc_type)
@@ -361,7 +361,9 @@ class _StackedGram(torch.autograd.Function):
         gn = torch.zeros(shape, device=dev, dtype=acc_dtype) if normalise else rs
         gr = torch.zeros(shape, device=dev, dtype=acc_dtype) if raw else rs
         if n > 0:
-            _gram[(batch, blocks * blocks, splits)](
+            # block pairs vary fastest: programs running together read the same image and
+            # positions, so each tile comes from DRAM once and from L2 for the other pairs
+            _gram[(blocks * blocks, splits, batch)](
                 t, student, rt, rs, gn, gr, ct, cs, n, per_split, t_blocks, blocks,
                 *t.stride(), *student.stride(),
                 NORMALISE=normalise, RAW=raw, ACC64=acc64, **settings,
@@ -406,7 +408,8 @@ class _StackedGram(torch.autograd.Function):
             gr = torch.empty(batch, cs, n, device=dev, dtype=store_dtype)
         both = normalise and raw
         settings = launch_settings("_gram_grad", ct, cs, acc64, both)
-        grid = (batch, triton.cdiv(cs, settings["BLOCK_C"]), triton.cdiv(n, settings["BLOCK_N"]))
+        # channel blocks fastest: programs running together share the tiles of H they read
+        grid = (triton.cdiv(cs, settings["BLOCK_C"]), triton.cdiv(n, settings["BLOCK_N"]), batch)
         if n > 0:
             _gram_grad[grid](
                 t, student, rt, rs, wn, wr, gn, gr, ct, cs, n,
