@@ -288,10 +288,10 @@ _GRAM_TILES = {  # BLOCK_R cap, BLOCK_N, num_warps, num_stages
     (False, False): (64, 16, 8, 3),
 }
 _GRAM_GRAD_TILES = {  # BLOCK_C cap, BLOCK_K cap, BLOCK_N, num_warps, num_stages
-    (True, True): (32, 32, 64, 8, 3),
+    (True, True): (32, 16, 64, 8, 3),
     (True, False): (64, 32, 64, 8, 3),
     (False, True): (32, 32, 32, 8, 3),
-    (False, False): (32, 32, 64, 8, 3),
+    (False, False): (32, 16, 64, 8, 3),
 }
 KERNELS = ("_inverse_norms", "_gram", "_gram_grad", "_normalise_grad")
 
