@@ -3,6 +3,7 @@ the registers, spills and shared memory of every launch variant kdkit uses.
 
     python -m kdkit.kernels.resources --arch 80 90 [--inputs fp32 bf16] [--check]
                                       [--output FILE.md]
+    python -m kdkit.kernels.resources --arch 90 --inputs bf16 fp16 fp64 --sweep
 
 Each kernel is compiled ahead of time (``triton.compile`` with an explicit target, then
 Triton's own ``ptxas -v`` on its PTX) at the launch settings :func:`launch_settings` gives for the
@@ -31,7 +32,11 @@ from pathlib import Path
 # per-block shared memory a kernel may use (opt-in maximum), by compute capability
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 CHANNELS = 1024  # the largest channel count the kernels promise: every tile at its cap
-INPUTS = ("fp32", "bf16", "fp16")
+INPUTS = ("fp32", "bf16", "fp16", "fp64")
+# what --sweep adds: 64-bit integer arguments (large tensors), and the integers Triton
+# specialises to a constant when they equal 1
+INTEGER_TYPES = ("i32", "i64")
+ONES = ((), ("Ct",), ("Cs", "N"), ("C",))
 # pointers to the feature maps and the gradient (the inputs' dtype), and to the backward's
 # stored products (float32 for these inputs); the rest hold the accumulation dtype
 INPUT_POINTERS = {
@@ -116,9 +121,10 @@ def _variants():
 
 
 def compile_variant(arch: int, inputs: str, kernel: str, acc64: bool, normalise: bool,
-                    raw: bool) -> Usage:
+                    raw: bool, integers: str = "i32", ones: tuple[str, ...] = ()) -> Usage:
     """Compile one launch variant for ``sm_<arch>`` and feature maps of dtype ``inputs``
-    (a Triton type name: fp32, bf16, fp16), and read its resource use."""
+    (a Triton type name: fp32, bf16, fp16, fp64), with ``integers`` for the integer
+    arguments and those named in ``ones`` specialised to 1, and read its resource use."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -126,7 +132,8 @@ def compile_variant(arch: int, inputs: str, kernel: str, acc64: bool, normalise:
 
     module = _kernels()
     function = getattr(module, kernel)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+              "fp64": torch.float64}
     acc_dtype = torch.float64 if acc64 else torch.float32
     launched = {v: k for k, v in dtypes.items()}[module.launch_dtype(dtypes[inputs], acc_dtype)]
     settings = module.launch_settings(kernel, CHANNELS, CHANNELS, acc64, normalise and raw)
@@ -134,7 +141,8 @@ def compile_variant(arch: int, inputs: str, kernel: str, acc64: bool, normalise:
     constants = {**settings, "ACC64": acc64}
     if "NORMALISE" in function.arg_names:
         constants.update(NORMALISE=normalise, RAW=raw)
-    constants.update({name: 1 for name in UNIT_STRIDES if name in function.arg_names})
+    constants.update({name: 1 for name in UNIT_STRIDES + tuple(ones)
+                      if name in function.arg_names})
     accumulation = "fp64" if acc64 else "fp32"
     signature = {}
     for name in function.arg_names:
@@ -143,11 +151,11 @@ def compile_variant(arch: int, inputs: str, kernel: str, acc64: bool, normalise:
         elif name in INPUT_POINTERS[kernel]:
             signature[name] = f"*{launched}"
         elif name in STORED_POINTERS.get(kernel, ()):
-            signature[name] = "*fp32"
+            signature[name] = "*fp64" if launched == "fp64" else "*fp32"
         elif name.endswith("_ptr"):
             signature[name] = f"*{accumulation}"
         else:
-            signature[name] = "fp32" if name == "eps" else "i32"
+            signature[name] = "fp32" if name == "eps" else integers
     compiled = triton.compile(ASTSource(function, signature, constexprs=constants),
                               target=GPUTarget("cuda", arch, 32), options=options)
     registers, spills = _ptxas_usage(compiled.asm["ptx"], arch)
@@ -177,6 +185,30 @@ def resource_table(archs: list[int], inputs: list[str], jobs: int = 1,
             if progress:
                 progress(row)
     return rows
+
+
+def _sweep_task(task: tuple) -> str | None:
+    """None when the variant compiles, else a line saying what failed."""
+    try:
+        compile_variant(*task)
+    except Exception as error:  # a compiler failure, reported rather than raised
+        arch, inputs, kernel, acc64, normalise, raw, integers, ones = task
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return (f"sm_{arch} {inputs} {kernel} acc={'fp64' if acc64 else 'fp32'} "
+                f"normalise={normalise} raw={raw} {integers} ones={ones}: "
+                f"{type(error).__name__}: {first}")
+    return None
+
+
+def specialisation_sweep(archs: list[int], inputs: list[str], jobs: int = 1) -> list[str]:
+    """Compile every variant also with 64-bit integer arguments and with the channel and
+    position counts Triton specialises to 1: the failures, one line each."""
+    tasks = [(arch, dtype, *variant, integers, ones)
+             for arch in archs for dtype in inputs for variant in _variants()
+             for integers in INTEGER_TYPES for ones in ONES]
+    _kernels()
+    with ProcessPoolExecutor(max(1, jobs)) as pool:
+        return [line for line in pool.map(_sweep_task, tasks) if line]
 
 
 def markdown(rows: list[Usage]) -> str:
@@ -215,7 +247,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="also write the Markdown table here")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when a variant spills or exceeds shared memory")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead, compile every variant with 64-bit integers and with "
+                             "counts of 1 too, and list what fails to compile")
     args = parser.parse_args(argv)
+    if args.sweep:
+        failures = specialisation_sweep(args.arch, args.inputs, args.jobs)
+        count = len(list(_variants())) * len(INTEGER_TYPES) * len(ONES)
+        count *= len(args.arch) * len(args.inputs)
+        print("\n".join(failures) or "no failures")
+        print(f"{count} variants compiled, {len(failures)} failed", file=sys.stderr)
+        return 1 if args.check and failures else 0
     rows = resource_table(args.arch, args.inputs, args.jobs, progress=lambda r: print(
         f"sm_{r.arch} {r.inputs} {r.kernel} {r.accumulate} {r.grams}: {r.registers} registers, "
         f"{r.spill_bytes} B spilled, {r.shared_bytes} B shared", file=sys.stderr, flush=True))
