@@ -246,7 +246,8 @@ def _is_oom(error: BaseException) -> bool:
 
 
 def run_case(case, backend, accumulate, device, ceilings, repeats, dtype=torch.float32):
-    """Time one case; an expected or actual out-of-memory becomes a result marked OOM."""
+    """Time one case; an expected or actual out-of-memory becomes a result marked OOM, any
+    other error a result marked ``failed: …`` (the run goes on to the next case)."""
     shape = " + ".join(f"{b}×{cs}/{ct}×{n}" for b, cs, ct, n in case.layers)
     result = Result(str(device), case.name, case.loss, shape, backend,
                     "n/a" if backend == "reference" else accumulate, None, None, None)
@@ -262,10 +263,13 @@ def run_case(case, backend, accumulate, device, ceilings, repeats, dtype=torch.f
             forward_backward()
         result.peak_extra_mb = memory.peak_mb
         result.forward_backward_ms = median_ms(forward_backward, device, repeats)
-    except (RuntimeError, MemoryError) as error:
-        if not _is_oom(error) and not isinstance(error, MemoryError):
-            raise
-        result.note = "OOM"
+    except Exception as error:  # recorded in the table, so one failure costs one row
+        if _is_oom(error) or isinstance(error, MemoryError):
+            result.note = "OOM"
+        else:
+            first = (str(error).strip().splitlines() or [""])[0][:160]
+            result.note = f"failed: {type(error).__name__}: {first}"
+            result.forward_ms = result.forward_backward_ms = result.peak_extra_mb = None
     finally:
         del pairs
         if device.type == "cuda":

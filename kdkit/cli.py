@@ -38,7 +38,10 @@ def _bench_kernels(args: argparse.Namespace) -> int:
                                       command.strip(), batch)
     print(md.read_text())
     print(f"wrote {md} and {csv_path}")
-    return 0
+    failed = [r for r in results if r.note.startswith("failed")]
+    for r in failed:
+        print(f"{r.case} / {r.backend} / {r.accumulate}: {r.note}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _run_config(args: argparse.Namespace):

@@ -37,6 +37,18 @@ def test_reference_that_cannot_fit_is_reported_not_run():
     assert result.note.startswith("OOM") and result.forward_ms is None
 
 
+def test_a_failing_backend_is_a_row_not_a_crash(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed\nmore detail")
+
+    monkeypatch.setattr(bench, "spatial_similarity_loss", broken)
+    case = bench.Case("small", "spatial", ((1, 4, 8, 64),))
+    ceilings = {"copy_gb_s": 10.0, "matmul_fp32_gflop_s": 100.0, "matmul_fp64_gflop_s": 50.0}
+    result = bench.run_case(case, "factored", "fp64", torch.device("cpu"), ceilings, 1)
+    assert result.note == "failed: RuntimeError: PassManager::run failed"
+    assert result.forward_ms is None and result.forward_backward_ms is None
+
+
 def test_bench_command_writes_table_and_csv(tmp_path, capsys):
     argv = ["bench", "kernels", "--batch", "1", "--crops", "320", "--repeats", "1",
             "--backends", "reference", "factored", "--accumulate", "fp64", "--out",
