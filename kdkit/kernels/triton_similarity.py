@@ -8,14 +8,19 @@ channel vector of T and of S divided by its own ``‖·‖₂ + 1e-7``). The los
 these ``C×C`` blocks in PyTorch (:mod:`kdkit.kernels.factored` for the algebra).
 
 Kernels (each one program per tile; every offset in int64; every load masked; inputs
-upcast to float32 right after loading, so bf16/fp16 work in the interpreter too):
+upcast to the accumulation dtype right after loading). The rows of H are laid out with T's
+padded to whole blocks, so a row block lies in one tensor and is one load; tile sizes and
+warps come from :func:`launch_settings` (checked for spills by
+:mod:`kdkit.kernels.resources`):
 
     _inverse_norms   B×C×N → B×N: 1 / (‖f[:, n]‖₂ + ε), one read of the features
     _gram            upper-triangular R×R blocks of H Hᵀ over a slice of positions; the
                      normalised and raw Grams share the loads (the fused spatial+channel
                      loss reads each feature map once); split over N, partials summed after
-    _gram_grad       g = W Ĥ for the student rows: the Gram's backward, (dG + dGᵀ) Ĥ
-    _normalise_grad  back through the position normalisation, plus the raw-Gram gradient
+    _gram_grad       g = W Ĥ for the student rows: the Gram's backward, (dG + dGᵀ) Ĥ,
+                     stored in float32 (float64 for a float64 student)
+    _normalise_grad  back through the position normalisation, plus the raw-Gram gradient,
+                     written in the student's dtype
 
 ``accumulate="fp64"`` makes ``_gram`` and ``_gram_grad`` multiply and accumulate in float64
 (exact products of the float32 values), which keeps the loss accurate when the student is
