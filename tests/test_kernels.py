@@ -233,6 +233,47 @@ def test_triton_before_3_9_takes_16_bit_maps_through_float32_for_fp64(monkeypatc
 
 
 @needs_triton
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_triton_sums_partial_grams_over_slices_of_positions(monkeypatch, splits):
+    # on a GPU the positions are cut into slices whose partial Grams are summed after;
+    # off a GPU there is one slice, so the split path is forced here (N off the tiles)
+    from kdkit.kernels import triton_similarity
+
+    monkeypatch.setattr(triton_similarity, "_splits", lambda *args: splits)
+    s = features((2, 5, 300), seed=23).view(2, 5, 15, 20)
+    t = features((2, 40, 300), seed=24).view(2, 40, 15, 20)
+    for function in (spatial_similarity_loss, channel_similarity_loss):
+        teacher = t if function is spatial_similarity_loss else t[:, :5]
+        expected, expected_grad = float64_loss_and_grad(function, s, teacher)
+        loss, grad = loss_and_grad(function, s, teacher, "triton", "fp64")
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_splits_bound_programs_and_partial_memory():
+    from kdkit.kernels import triton_similarity
+
+    class FakeGpu:
+        type = "cuda"
+
+    props = type("Props", (), {"multi_processor_count": 132})()
+    cuda = torch.cuda
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cuda, "get_device_properties", lambda device: props)
+        splits = triton_similarity._splits
+        # the batch Gram: 16 rows, one block pair, 819,200 positions: two waves of slices
+        assert splits(1, 1, 16, 819_200, 32, torch.float64, FakeGpu()) == 264
+        # many block pairs already fill the GPU: one slice
+        assert splits(16, 8, 256, 6400, 16, torch.float64, FakeGpu()) == 1
+        # few positions: slices of at least 8 tiles
+        assert splits(1, 1, 16, 1024, 32, torch.float64, FakeGpu()) == 4
+        # 2048 rows in few pairs (to isolate the bound): partials within PARTIAL_GRAM_BYTES
+        assert splits(1, 2, 2048, 10**6, 32, torch.float64, FakeGpu()) == 2
+    assert triton_similarity._splits(1, 1, 16, 819_200, 32, torch.float64,
+                                     torch.device("cpu")) == 1
+
+
+@needs_triton
 def test_triton_takes_student_and_teacher_of_different_dtypes():
     # a bf16 student under autocast against a float32 teacher: promoted to float32, the
     # gradient comes back in the student's dtype

@@ -328,14 +328,22 @@ def _inverse_position_norms(f: torch.Tensor, acc_dtype: torch.dtype) -> torch.Te
     return out
 
 
-def _splits(batch: int, blocks: int, n: int, block_n: int, device: torch.device) -> int:
-    """Slices of positions per Gram block, so that about two waves of programs run."""
-    if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 1
+PARTIAL_GRAM_BYTES = 64 << 20  # what the per-slice partial Grams may take
+
+
+def _splits(batch: int, blocks: int, rows: int, n: int, block_n: int,
+            acc_dtype: torch.dtype, device: torch.device) -> int:
+    """Slices of positions per Gram block pair: enough programs for about two waves on a
+    GPU (one slice elsewhere), each slice at least 8 tiles long, and the partial Grams
+    (slices × B × R² in ``acc_dtype``) within :data:`PARTIAL_GRAM_BYTES`. Few block pairs
+    over many positions (the batch Gram: R = B rows over C·N) get many slices."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     useful = max(1, blocks * (blocks + 1) // 2 * batch)
-    return max(1, min(triton.cdiv(target, useful), triton.cdiv(n, 8 * block_n), 64))
+    partial_bytes = batch * rows * rows * torch.finfo(acc_dtype).bits // 8
+    by_memory = max(1, PARTIAL_GRAM_BYTES // partial_bytes)
+    return max(1, min(triton.cdiv(target, useful), triton.cdiv(n, 8 * block_n), by_memory))
 
 
 class _StackedGram(torch.autograd.Function):
@@ -358,7 +366,7 @@ class _StackedGram(torch.autograd.Function):
         block_r, block_n = settings["BLOCK_R"], settings["BLOCK_N"]
         t_blocks = triton.cdiv(ct, block_r)
         blocks = t_blocks + triton.cdiv(cs, block_r)
-        splits = _splits(batch, blocks, n, block_n, student.device)
+        splits = _splits(batch, blocks, r, n, block_n, acc_dtype, student.device)
         per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
         splits = triton.cdiv(n, per_split) if n > 0 else 1
         shape = (splits, batch, r, r)
