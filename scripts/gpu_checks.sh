@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one run: the kernel tests compiled for real, the
-# similarity-kernel benchmark (docs/benchmarks/kernels-cuda.{md,csv}), the precision table
-# and the whole test suite on the GPU. Logs, tables and summary.txt go to OUT.
+# Every check that needs a GPU, in one run: the similarity-kernel benchmark
+# (kernels-cuda.{md,csv}, for docs/benchmarks/), the kernel tests compiled for real, the
+# precision table and the whole test suite on the GPU. Logs, tables and summary.txt go to
+# OUT.
 #
 #   bash scripts/gpu_checks.sh [OUT]          # OUT defaults to $OUT, else gpu-checks/
 #
@@ -34,8 +35,9 @@ step environment bash -c "nvidia-smi; $python -c 'import torch, triton;
 print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'"
 step kernel-resources "$python" -m kdkit.kernels.resources --arch 80 90 \
   --inputs fp32 bf16 fp16 --check --output "$out/kernel-resources.md"
-step kernel-tests "$python" -m pytest -q -p no:cacheprovider tests/test_kernels.py
+# the table first: it is what a session's device time is most needed for
 step bench-kernels "$python" -m kdkit bench kernels --device cuda --out "$out"
+step kernel-tests "$python" -m pytest -q -p no:cacheprovider tests/test_kernels.py
 step precision "$python" benchmarks/precision.py --device cuda --out "$out"
 step test-suite "$python" -m pytest -q -p no:cacheprovider
 echo "done: $out/summary.txt"
