@@ -137,7 +137,8 @@ def compile_variant(arch: int, inputs: str, kernel: str, acc64: bool, normalise:
     acc_dtype = torch.float64 if acc64 else torch.float32
     launched = {v: k for k, v in dtypes.items()}[module.launch_dtype(dtypes[inputs], acc_dtype)]
     settings = module.launch_settings(kernel, CHANNELS, CHANNELS, acc64, normalise and raw)
-    options = {key: settings.pop(key) for key in ("num_warps", "num_stages")}
+    options = {key: settings.pop(key)
+               for key in ("num_warps", "num_stages", "enable_fp_fusion")}
     constants = {**settings, "ACC64": acc64}
     if "NORMALISE" in function.arg_names:
         constants.update(NORMALISE=normalise, RAW=raw)

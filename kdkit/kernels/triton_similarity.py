@@ -302,20 +302,24 @@ KERNELS = ("_inverse_norms", "_gram", "_gram_grad", "_normalise_grad")
 
 
 def launch_settings(kernel: str, ct: int, cs: int, acc64: bool, both: bool) -> dict:
-    """Tile sizes (constexprs) plus ``num_warps``/``num_stages`` of one launch of
-    ``kernel`` for ``ct`` teacher and ``cs`` student channels (``cs``: the channels of
-    the one map for ``_inverse_norms``); ``both``: normalised and raw Grams at once."""
+    """Tile sizes (constexprs) plus ``num_warps``, ``num_stages`` and FMA contraction of
+    one launch of ``kernel`` for ``ct`` teacher and ``cs`` student channels (``cs``: the
+    channels of the one map for ``_inverse_norms``); ``both``: normalised and raw Grams
+    at once."""
     if kernel == "_gram":
         cap, block_n, warps, stages = _GRAM_TILES[acc64, both]
-        return dict(BLOCK_R=_block(max(ct, cs), cap), BLOCK_N=block_n,
-                    num_warps=warps, num_stages=stages)
-    if kernel == "_gram_grad":
+        tiles = dict(BLOCK_R=_block(max(ct, cs), cap), BLOCK_N=block_n)
+    elif kernel == "_gram_grad":
         cap_c, cap_k, block_n, warps, stages = _GRAM_GRAD_TILES[acc64, both]
-        return dict(BLOCK_C=_block(cs, cap_c), BLOCK_K=_block(max(ct, cs), cap_k),
-                    BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    if kernel in ("_inverse_norms", "_normalise_grad"):
-        return dict(BLOCK_C=_block(cs, 32), BLOCK_N=64, num_warps=4, num_stages=3)
-    raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+        tiles = dict(BLOCK_C=_block(cs, cap_c), BLOCK_K=_block(max(ct, cs), cap_k),
+                     BLOCK_N=block_n)
+    elif kernel in ("_inverse_norms", "_normalise_grad"):
+        tiles, warps, stages = dict(BLOCK_C=_block(cs, 32), BLOCK_N=64), 4, 3
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    # multiply-adds contracted to FMAs (one rounding), asked for explicitly: Triton 3.10
+    # stops doing it by default
+    return dict(tiles, num_warps=warps, num_stages=stages, enable_fp_fusion=True)
 
 
 def _inverse_position_norms(f: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
