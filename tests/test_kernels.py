@@ -274,6 +274,29 @@ def test_splits_bound_programs_and_partial_memory():
 
 
 @needs_triton
+@pytest.mark.parametrize("kernel", ["_gram", "_gram_grad"])
+def test_a_failing_kernel_says_which_backend_to_use(monkeypatch, kernel):
+    from kdkit.kernels import triton_similarity
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("PassManager::run failed\n<a page of MLIR>")
+            return launch
+
+    monkeypatch.setattr(triton_similarity, kernel, Broken())
+    s = features((2, 4, 30), seed=25).requires_grad_()
+    t = features((2, 4, 30), seed=26)
+    with pytest.raises(triton_similarity.KernelFailure) as failure:
+        spatial_similarity_loss(s, t, backend="triton").backward()
+    message = str(failure.value)
+    stage = "forward" if kernel == "_gram" else "backward"
+    assert f"failed in the {stage} pass" in message
+    assert "RuntimeError: PassManager::run failed)" in message
+    assert "KDKIT_SIMILARITY_BACKEND=factored" in message and "MLIR" not in message
+
+
+@needs_triton
 def test_triton_takes_student_and_teacher_of_different_dtypes():
     # a bf16 student under autocast against a float32 teacher: promoted to float32, the
     # gradient comes back in the student's dtype

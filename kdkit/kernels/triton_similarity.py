@@ -29,6 +29,8 @@ near the teacher; ``"fp32"`` uses IEEE float32 (never TF32).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -350,11 +352,41 @@ def _splits(batch: int, blocks: int, rows: int, n: int, block_n: int,
     return max(1, min(triton.cdiv(target, useful), triton.cdiv(n, 8 * block_n), by_memory))
 
 
+class KernelFailure(RuntimeError):
+    """A Triton similarity kernel failed to compile or run; the message says what to use."""
+
+
+def _explained(stage: str):
+    """Re-raise a kernel's failure (not an out-of-memory) as a :class:`KernelFailure` that
+    names the cause in one line and the backend to use meanwhile."""
+
+    def wrap(function):
+        @functools.wraps(function)
+        def run(*args):
+            try:
+                return function(*args)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as error:
+                first = (str(error).strip().splitlines() or [""])[0][:200]
+                raise KernelFailure(
+                    f"the Triton similarity kernels failed in the {stage} (Triton "
+                    f"{triton.__version__}; {type(error).__name__}: {first}). Meanwhile use "
+                    "the PyTorch backend, which computes the same losses: set "
+                    "KDKIT_SIMILARITY_BACKEND=factored, or backend: factored in the term's "
+                    "args") from error
+
+        return run
+
+    return wrap
+
+
 class _StackedGram(torch.autograd.Function):
     """(student ``B×Cs×N``, teacher ``B×Ct×N`` or None) → (normalised Gram, raw Gram) of
     the stacked [teacher; student], each ``B×R×R`` or an empty tensor when not asked."""
 
     @staticmethod
+    @_explained("forward pass")
     def forward(ctx, student, teacher, normalise, raw, acc_dtype):
         batch, cs, n = student.shape
         ct = 0 if teacher is None else teacher.shape[1]
@@ -398,6 +430,7 @@ class _StackedGram(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
+    @_explained("backward pass")
     def backward(ctx, grad_normalised, grad_raw):
         student, teacher, rs, rt = ctx.saved_tensors
         ct, normalise, raw, acc_dtype, no_teacher = ctx.settings
