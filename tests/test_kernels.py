@@ -349,6 +349,14 @@ def test_auto_backend_and_environment_override(monkeypatch):
                                 "fp16")
 
 
+def test_triton_without_triton_installed_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    monkeypatch.delenv(kernels.ENV_BACKEND, raising=False)
+    assert kernels.resolve_backend("auto", torch.zeros(1)) == "factored"
+    with pytest.raises(ValueError, match="needs the triton package.*backend='factored'"):
+        kernels.resolve_backend("triton", torch.zeros(1))
+
+
 @needs_triton
 def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
     if DEVICE == "cuda":
