@@ -267,8 +267,7 @@ def run_case(case, backend, accumulate, device, ceilings, repeats, dtype=torch.f
         if _is_oom(error) or isinstance(error, MemoryError):
             result.note = "OOM"
         else:
-            first = (str(error).strip().splitlines() or [""])[0][:160]
-            result.note = f"failed: {type(error).__name__}: {first}"
+            result.note = f"failed: {kernels.describe_error(error, limit=160)}"
             result.forward_ms = result.forward_backward_ms = result.peak_extra_mb = None
     finally:
         del pairs

@@ -33,6 +33,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_ACCUMULATE",
     "ENV_BACKEND",
+    "describe_error",
     "resolve_backend",
     "triton_available",
     "batch_similarity",
@@ -54,6 +55,13 @@ ENV_BACKEND = "KDKIT_SIMILARITY_BACKEND"
 def triton_available() -> bool:
     """Whether the ``triton`` package can be imported here."""
     return importlib.util.find_spec("triton") is not None
+
+
+def describe_error(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters of it): a kernel
+    or compiler failure in one line, without the pages of IR that may follow."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit] if lines else ''}"
 
 
 def _interpreting() -> bool:

@@ -29,16 +29,24 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from kdkit.kernels import describe_error
+
 # per-block shared memory a kernel may use (opt-in maximum), by compute capability
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 CHANNELS = 1024  # the largest channel count the kernels promise: every tile at its cap
-INPUTS = ("fp32", "bf16", "fp16", "fp64")
+# dtypes of the feature maps, by Triton type name
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "fp64": torch.float64}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+INPUTS = tuple(DTYPES)
 # what --sweep adds: 64-bit integer arguments (large tensors), and the integers Triton
 # specialises to a constant when they equal 1
 INTEGER_TYPES = ("i32", "i64")
 ONES = ((), ("Ct",), ("Cs", "N"), ("C",))
 # pointers to the feature maps and the gradient (the inputs' dtype), and to the backward's
-# stored products (float32 for these inputs); the rest hold the accumulation dtype
+# stored products (`stored_dtype`); the rest hold the accumulation dtype
 INPUT_POINTERS = {
     "_inverse_norms": {"x_ptr"},
     "_gram": {"t_ptr", "s_ptr"},
@@ -125,17 +133,15 @@ def compile_variant(arch: int, inputs: str, kernel: str, acc64: bool, normalise:
     """Compile one launch variant for ``sm_<arch>`` and feature maps of dtype ``inputs``
     (a Triton type name: fp32, bf16, fp16, fp64), with ``integers`` for the integer
     arguments and those named in ``ones`` specialised to 1, and read its resource use."""
-    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     module = _kernels()
     function = getattr(module, kernel)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-              "fp64": torch.float64}
     acc_dtype = torch.float64 if acc64 else torch.float32
-    launched = {v: k for k, v in dtypes.items()}[module.launch_dtype(dtypes[inputs], acc_dtype)]
+    launched_dtype = module.launch_dtype(DTYPES[inputs], acc_dtype)
+    launched = NAMES[launched_dtype]
     settings = module.launch_settings(kernel, CHANNELS, CHANNELS, acc64, normalise and raw)
     options = {key: settings.pop(key)
                for key in ("num_warps", "num_stages", "enable_fp_fusion")}
@@ -152,7 +158,7 @@ def compile_variant(arch: int, inputs: str, kernel: str, acc64: bool, normalise:
         elif name in INPUT_POINTERS[kernel]:
             signature[name] = f"*{launched}"
         elif name in STORED_POINTERS.get(kernel, ()):
-            signature[name] = "*fp64" if launched == "fp64" else "*fp32"
+            signature[name] = f"*{NAMES[module.stored_dtype(launched_dtype)]}"
         elif name.endswith("_ptr"):
             signature[name] = f"*{accumulation}"
         else:
@@ -194,10 +200,9 @@ def _sweep_task(task: tuple) -> str | None:
         compile_variant(*task)
     except Exception as error:  # a compiler failure, reported rather than raised
         arch, inputs, kernel, acc64, normalise, raw, integers, ones = task
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return (f"sm_{arch} {inputs} {kernel} acc={'fp64' if acc64 else 'fp32'} "
                 f"normalise={normalise} raw={raw} {integers} ones={ones}: "
-                f"{type(error).__name__}: {first}")
+                f"{describe_error(error)}")
     return None
 
 

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kdkit.kernels import describe_error
 from kdkit.kernels.factored import accumulation_dtype, channel_map_from_gram
 from kdkit.kernels.reference import EPS
 
@@ -60,6 +61,13 @@ def launch_dtype(dtype: torch.dtype, acc_dtype: torch.dtype) -> torch.dtype:
     if narrow and acc_dtype == torch.float64 and NARROW_FP64_DOT_BROKEN:
         return torch.float32
     return dtype
+
+
+def stored_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the backward stores ``g = W Ĥ`` in for a student of ``dtype``: the sum is formed
+    in the accumulation dtype inside the kernel, but once formed needs only the result's
+    precision: float32, or float64 for a float64 student."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _block(size: int, cap: int) -> int:
@@ -368,10 +376,9 @@ def _explained(stage: str):
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as error:
-                first = (str(error).strip().splitlines() or [""])[0][:200]
                 raise KernelFailure(
                     f"the Triton similarity kernels failed in the {stage} (Triton "
-                    f"{triton.__version__}; {type(error).__name__}: {first}). Meanwhile use "
+                    f"{triton.__version__}; {describe_error(error)}). Meanwhile use "
                     "the PyTorch backend, which computes the same losses: set "
                     "KDKIT_SIMILARITY_BACKEND=factored, or backend: factored in the term's "
                     "args") from error
@@ -444,10 +451,8 @@ class _StackedGram(torch.autograd.Function):
 
         wn = student_rows(grad_normalised) if normalise else rs
         wr = student_rows(grad_raw) if raw else rs
-        # g = W Ĥ is summed in acc_dtype inside the kernel; the sum itself needs only the
-        # result's precision, so it is stored in float32 (float64 for a float64 student)
         dev = student.device
-        store_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        store_dtype = stored_dtype(student.dtype)
         grad_student = torch.empty(batch, cs, n, device=dev, dtype=student.dtype)
         gn = torch.empty(batch, cs, n, device=dev, dtype=store_dtype) if normalise else rs
         if not raw:
