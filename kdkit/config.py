@@ -28,6 +28,7 @@ from typing import Any, TypeVar, Union
 import yaml
 
 from kdkit.distiller import DistillTerm
+from kdkit.errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -42,10 +43,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config that does not match its schema; the message says where and why."""
 
 
 def load_yaml(source: str | Path) -> Any:

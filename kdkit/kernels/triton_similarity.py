@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kdkit.errors import KernelFailure
 from kdkit.kernels import describe_error
 from kdkit.kernels.factored import accumulation_dtype, channel_map_from_gram
 from kdkit.kernels.reference import EPS
@@ -358,10 +359,6 @@ def _splits(batch: int, blocks: int, rows: int, n: int, block_n: int,
     partial_bytes = batch * rows * rows * torch.finfo(acc_dtype).bits // 8
     by_memory = max(1, PARTIAL_GRAM_BYTES // partial_bytes)
     return max(1, min(triton.cdiv(target, useful), triton.cdiv(n, 8 * block_n), by_memory))
-
-
-class KernelFailure(RuntimeError):
-    """A Triton similarity kernel failed to compile or run; the message says what to use."""
 
 
 def _explained(stage: str):

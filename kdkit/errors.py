@@ -1,0 +1,47 @@
+"""The errors kdkit raises for inputs a user can fix.
+
+Each message says what was expected, what was found and what to do. The command line
+prints a :class:`KdkitError` as one line and exits non-zero (``--debug`` shows the
+traceback); anything else is a bug and keeps its traceback. The subclasses also derive
+from the built-in type that code catching them before this module existed expects.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KdkitError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "KernelFailure",
+    "NonFiniteLossError",
+    "RunFolderError",
+]
+
+
+class KdkitError(Exception):
+    """A failure the user can fix; its message is the whole explanation."""
+
+
+class ConfigError(KdkitError, ValueError):
+    """A config that does not match its schema or its ranges; the message says where."""
+
+
+class DataError(KdkitError, ValueError):
+    """A dataset, file or sample that cannot be used as it is."""
+
+
+class CheckpointError(KdkitError, ValueError):
+    """A checkpoint or weights file that is missing, corrupt, unsafe or does not fit."""
+
+
+class RunFolderError(KdkitError):
+    """A run folder that holds another run (a different config, a finished run)."""
+
+
+class NonFiniteLossError(KdkitError, FloatingPointError):
+    """A loss or feature became NaN or infinite; the message names it and what to do."""
+
+
+class KernelFailure(KdkitError, RuntimeError):
+    """A Triton similarity kernel failed to compile or run; the message says what to use."""
