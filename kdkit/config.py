@@ -1,8 +1,13 @@
-"""YAML → typed config objects, with safe loading and key checking.
+"""YAML → typed config objects, with safe loading and key, type and range checking.
 
-Loading uses ``yaml.safe_load``: no tag can construct objects or run code. Every mapping is
-checked against the dataclass it becomes: unknown keys are rejected with a suggestion,
-missing required keys and values of the wrong type are named with their place.
+Loading uses :class:`ConfigLoader`, PyYAML's safe loader (no tag can construct objects or
+run code) reading floats as Python writes them: ``2e-3``, ``1E5``, ``1.5e+3``, ``.5`` and
+``-.5`` are floats (YAML 1.1 reads the first ones as strings), ints stay ints, and ``.inf``
+/ ``.nan`` are YAML's spellings of infinity and NaN (plain ``inf`` / ``nan`` stay strings).
+Every mapping is checked against the dataclass it becomes: unknown keys are rejected with a
+suggestion; missing required keys, values of the wrong type, NaN or infinite numbers and
+values outside a field's range (:data:`FIELD_CHECKS`) are named by their key path
+(``train.steps``) with the value found and what to set instead.
 
     distillation:
       - loss: spatial_similarity
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,7 +38,11 @@ from kdkit.distiller import DistillTerm
 from kdkit.errors import ConfigError
 
 __all__ = [
+    "FIELD_CHECKS",
     "ConfigError",
+    "ConfigLoader",
+    "OneOf",
+    "Range",
     "TrainSettings",
     "RunConfig",
     "load_yaml",
@@ -40,23 +51,58 @@ __all__ = [
     "load_run_config",
     "run_config_from_mapping",
     "apply_overrides",
+    "register_checks",
 ]
 
 T = TypeVar("T")
 
 
-def load_yaml(source: str | Path) -> Any:
-    """Parse a YAML file (a path) or YAML text, safely."""
-    path = Path(source) if not isinstance(source, str) or "\n" not in source else None
+FLOAT_TAG = "tag:yaml.org,2002:float"
+
+#: Python's float literals and YAML's ``.inf`` / ``.nan``; a dot or an exponent is required,
+#: so ints stay ints.
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.VERBOSE)
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """The safe loader with YAML 1.1's float rule replaced by :data:`_FLOAT` (which also
+    drops 1.1's sexagesimal floats such as ``1:30.5``)."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def _parse(text: Any, what: str) -> Any:
+    """YAML text or an open file through :class:`ConfigLoader`; ``what`` names it in errors."""
     try:
-        if path is not None and path.exists():
-            with open(path, encoding="utf-8") as handle:
-                return yaml.safe_load(handle)
-        if path is not None and path.suffix in (".yaml", ".yml"):
-            raise ConfigError(f"config file not found: {path}")
-        return yaml.safe_load(str(source))
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as error:
-        raise ConfigError(f"could not parse YAML ({source if path else 'text'}): {error}") from None
+        raise ConfigError(f"could not parse YAML ({what}): {error}") from None
+
+
+def load_yaml(source: str | Path) -> Any:
+    """Parse a YAML file (a path) or YAML text, safely (:class:`ConfigLoader`)."""
+    path = Path(source) if not isinstance(source, str) or "\n" not in source else None
+    if path is not None and path.exists():
+        with open(path, encoding="utf-8") as handle:
+            return _parse(handle, str(path))
+    if path is not None and path.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"config file not found: {path}")
+    return _parse(str(source), str(source) if path else "text")
+
+
+def _key(where: str, key: str | int) -> str:
+    """The key path of ``key`` inside ``where`` (``train`` + ``steps`` → ``train.steps``)."""
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    return f"{where}.{key}" if where else str(key)
 
 
 def _type_name(hint: Any) -> str:
@@ -75,7 +121,9 @@ def _matches(value: Any, hint: Any) -> bool:
         (item,) = typing.get_args(hint)[:1] or (Any,)
         return isinstance(value, list) and all(_matches(v, item) for v in value)
     if origin is dict:
-        return isinstance(value, dict)
+        keys, values = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(
+            _matches(k, keys) and _matches(v, values) for k, v in value.items())
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -85,10 +133,95 @@ def _matches(value: Any, hint: Any) -> bool:
     return True  # e.g. nn.Module-typed fields: only reachable from Python, not YAML
 
 
+def _leaves(value: Any, key: str):
+    """``(key path, value)`` of every scalar inside ``value`` (mappings and lists opened)."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _leaves(item, _key(key, name))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _leaves(item, _key(key, index))
+    else:
+        yield key, value
+
+
+def _require_finite(value: Any, key: str) -> None:
+    """No NaN or infinite number anywhere inside ``value``."""
+    for path, leaf in _leaves(value, key):
+        if isinstance(leaf, float) and not math.isfinite(leaf):
+            raise ConfigError(f"{path}: found {leaf}, but NaN and infinite values are not "
+                              f"allowed; set {path} to a finite number")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numbers from ``low`` (excluded when ``open_low``) to ``high``; ``None``: unbounded.
+    ``note`` (e.g. ``"0: at the end only"``) ends the error message."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    note: str = ""
+
+    def allows(self, value: Any) -> bool:
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def problem(self, key: str, value: Any) -> str:
+        bounds = [f"{'>' if self.open_low else '>='} {self.low:g}"] if self.low is not None else []
+        bounds += [f"<= {self.high:g}"] if self.high is not None else []
+        wanted = " and ".join(bounds)
+        note = f" ({self.note})" if self.note else ""
+        return (f"{key}: expected a number {wanted}, found {value!r}; set {key} to a value "
+                f"{wanted}{note}")
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of the strings ``choices``."""
+
+    choices: tuple[str, ...]
+
+    def allows(self, value: Any) -> bool:
+        return value in self.choices
+
+    def problem(self, key: str, value: Any) -> str:
+        close = difflib.get_close_matches(str(value), self.choices, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        leaf = key.rsplit(".", 1)[-1]
+        return (f"{key}: unknown {leaf} {value!r}.{hint} Valid values: "
+                f"{', '.join(self.choices)}")
+
+
+#: Per dataclass, the range or choice each checked field must satisfy; :func:`from_mapping`
+#: applies them to the field's value, or to every value inside it (a mapping's values, a
+#: list's items); ``None`` (an unset optional field) is never checked. Add to it with
+#: :func:`register_checks`.
+FIELD_CHECKS: dict[type, dict[str, Range | OneOf]] = {}
+
+
+def register_checks(cls: type, **checks: Range | OneOf) -> None:
+    """Check ``cls``'s fields (by name) whenever :func:`from_mapping` builds ``cls``."""
+    unknown = set(checks) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
+    FIELD_CHECKS.setdefault(cls, {}).update(checks)
+
+
+def _check_ranges(cls: type, data: dict, where: str) -> None:
+    for name, check in FIELD_CHECKS.get(cls, {}).items():
+        for path, leaf in _leaves(data.get(name), _key(where, name)):
+            if leaf is not None and not check.allows(leaf):
+                raise ConfigError(check.problem(path, leaf))
+
+
 def from_mapping(cls: type[T], data: Any, where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping, checking keys and value types."""
+    """Build dataclass ``cls`` from a mapping, checking keys, value types, finiteness and
+    the ranges of :data:`FIELD_CHECKS`; ``where`` is the mapping's key path in errors."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, found {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping of {cls.__name__} fields, "
+                          f"found {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in data:
@@ -96,7 +229,8 @@ def from_mapping(cls: type[T], data: Any, where: str = "config") -> T:
             close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"{where}: unknown key {key!r}.{hint} Valid keys: {', '.join(fields)}"
+                f"{where or 'config'}: unknown key {key!r}.{hint} Valid keys: "
+                f"{', '.join(fields)}"
             )
     missing = [
         name for name, f in fields.items()
@@ -105,18 +239,21 @@ def from_mapping(cls: type[T], data: Any, where: str = "config") -> T:
         and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise ConfigError(f"{where}: missing required key(s): {', '.join(missing)}")
+        raise ConfigError(f"{where or 'config'}: missing required key(s): {', '.join(missing)}")
     for key, value in data.items():
+        _require_finite(value, _key(where, key))
         if not _matches(value, hints[key]):
             raise ConfigError(
-                f"{where}.{key}: expected {_type_name(hints[key])}, found {value!r}"
+                f"{_key(where, key)}: expected {_type_name(hints[key])}, found {value!r}"
             )
+    _check_ranges(cls, data, where)
     return cls(**data)
 
 
-def load_terms(source: str | Path | list | dict) -> list[DistillTerm]:
+def load_terms(source: str | Path | list | dict,
+               where: str = "distillation") -> list[DistillTerm]:
     """Distillation terms from YAML (path or text), a list of mappings, or a mapping with a
-    ``distillation`` list."""
+    ``distillation`` list; ``where`` is the list's key path in errors."""
     data = source if isinstance(source, (list, dict)) else load_yaml(source)
     if isinstance(data, dict):
         if set(data) != {"distillation"}:
@@ -126,8 +263,8 @@ def load_terms(source: str | Path | list | dict) -> list[DistillTerm]:
             )
         data = data["distillation"]
     if not isinstance(data, list) or not data:
-        raise ConfigError(f"distillation: expected a non-empty list of terms, found {data!r}")
-    return [from_mapping(DistillTerm, item, f"distillation[{i}]") for i, item in enumerate(data)]
+        raise ConfigError(f"{where}: expected a non-empty list of terms, found {data!r}")
+    return [from_mapping(DistillTerm, item, _key(where, i)) for i, item in enumerate(data)]
 
 
 @dataclass
@@ -187,6 +324,27 @@ class RunConfig:
         return data
 
 
+register_checks(
+    TrainSettings,
+    steps=Range(1, note="the number of optimizer steps"),
+    batch_size=Range(1),
+    lr=Range(0, open_low=True),
+    weight_decay=Range(0),
+    optimizer=OneOf(("adam", "sgd")),
+    schedule=OneOf(("cosine", "constant")),
+    grad_clip=Range(0, open_low=True, note="or null for no clipping"),
+    amp_dtype=OneOf(("fp16", "bf16")),
+    on_nonfinite=OneOf(("stop", "skip")),
+    checkpoint_every=Range(0, note="0: at the end only"),
+    eval_every=Range(0, note="0: at the end only"),
+    log_every=Range(1),
+    num_workers=Range(0),
+)
+register_checks(RunConfig, sparsity=Range(0, note="the L1 weight on BatchNorm γ per prefix"))
+register_checks(DistillTerm, weight=Range(
+    0, note="a negative weight rewards moving away from the teacher; 0 switches a term off"))
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to nested mappings."""
     for item in overrides:
@@ -200,20 +358,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
             node = child
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _parse(raw, f"--set {item}")
     return data
 
 
-def run_config_from_mapping(data: Any, where: str = "config") -> RunConfig:
-    """Build a :class:`RunConfig`, checking every section."""
+def run_config_from_mapping(data: Any, where: str = "") -> RunConfig:
+    """Build a :class:`RunConfig`, checking every section; ``where`` is the key path of
+    ``data`` in errors (``""``: the top level, so keys read ``train.steps``)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, found {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, found {data!r}")
     data = dict(data)
-    train = from_mapping(TrainSettings, data.pop("train", {}) or {}, f"{where}.train")
+    train = from_mapping(TrainSettings, data.pop("train", {}) or {}, _key(where, "train"))
     terms = data.pop("distillation", None)
     run = from_mapping(RunConfig, data, where)
     run.train = train
-    run.distillation = load_terms(terms) if terms else None
+    run.distillation = load_terms(terms, _key(where, "distillation")) if terms else None
     return run
 
 
@@ -222,4 +381,4 @@ def load_run_config(source: str | Path, overrides: list[str] | None = None) -> R
     data = load_yaml(source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, found {data!r}")
-    return run_config_from_mapping(apply_overrides(data, overrides or []), str(source))
+    return run_config_from_mapping(apply_overrides(data, overrides or []))

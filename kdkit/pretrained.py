@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from kdkit.checkpoint import load_checkpoint
+from kdkit.config import load_yaml
 from kdkit.train import read_log
 
 __all__ = ["export"]
@@ -36,7 +36,7 @@ def export(run_dir: Path, out: Path, command: str) -> Path:
     train = read_log(run_dir, "train")
     record = {
         "command": command,
-        "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+        "config": load_yaml(run_dir / "config.yaml"),
         "final_eval": read_log(run_dir, "eval")[-1],
         "mean_ms_per_step": sum(r["ms_per_step"] for r in train) / len(train),
         "values_in_state_dict": sum(v.numel() for v in state.values()),
