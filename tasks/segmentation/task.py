@@ -76,6 +76,7 @@ class SegmentationTask:
     by mean IoU and pixel accuracy."""
 
     primary_metric = ("mIoU", "higher")
+    metric_units = {"mIoU": "0–1", "pixel_acc": "0–1"}  # fractions, not percentages
 
     def build_model(self, spec: dict[str, Any]) -> nn.Module:
         model = from_mapping(SegmentationModel, spec, "model")
