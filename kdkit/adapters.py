@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from kdkit.errors import ConfigError
+
 __all__ = ["ADAPTER_KINDS", "build_adapter"]
 
 ADAPTER_KINDS = ("identity", "conv1x1", "conv1x1_nobias", "conv1x1_bn")
@@ -28,7 +30,7 @@ def build_adapter(kind: str, student_channels: int, teacher_channels: int) -> nn
     """An adapter of ``kind`` taking ``student_channels`` to ``teacher_channels``."""
     if kind == "identity":
         if student_channels != teacher_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"an identity adapter needs equal channels, found student {student_channels} "
                 f"and teacher {teacher_channels}; use kind 'conv1x1' to map between them"
             )
@@ -40,5 +42,5 @@ def build_adapter(kind: str, student_channels: int, teacher_channels: int) -> nn
         nn.init.ones_(bn.weight)
         nn.init.zeros_(bn.bias)
         return nn.Sequential(_conv1x1(student_channels, teacher_channels, bias=False), bn)
-    raise ValueError(f"unknown adapter kind {kind!r}; valid kinds: {', '.join(ADAPTER_KINDS)}")
+    raise ConfigError(f"unknown adapter kind {kind!r}; valid kinds: {', '.join(ADAPTER_KINDS)}")
 

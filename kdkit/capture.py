@@ -22,13 +22,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdkit.errors import ConfigError, KdkitError
+
 __all__ = ["FeatureRecorder", "FeatureRef", "UnknownModuleError", "unwrap_model", "resolve_module"]
 
 _REF_PATTERN = re.compile(r"^(?P<name>[^\[\]]*?)(?:\[(?P<call>-?\d+)\])?$")
 
 
-class UnknownModuleError(KeyError):
-    """A module name that the model does not have; the message lists close matches."""
+class UnknownModuleError(KdkitError, KeyError):
+    """A module name that the model does not have; the message lists close matches. A
+    :class:`~kdkit.errors.KdkitError` (the command line prints it in one line) and, for
+    code that caught it before, a ``KeyError``."""
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -46,7 +50,7 @@ class FeatureRef:
         """``"layer2"`` → (layer2, last call); ``"blocks.0[1]"`` → (blocks.0, call 1)."""
         match = _REF_PATTERN.match(text.strip())
         if match is None:
-            raise ValueError(
+            raise ConfigError(
                 f"bad feature reference {text!r}: expected a dotted module name, optionally "
                 "followed by a call index in brackets, e.g. 'layer2' or 'blocks.0[1]'"
             )

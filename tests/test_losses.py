@@ -10,6 +10,7 @@ from helpers import array, tensor
 from torch import nn
 
 from kdkit import losses as L
+from kdkit.errors import ConfigError
 
 # --- independent references (NumPy, float64, straight from the definitions) -----------------
 
@@ -300,11 +301,84 @@ def test_registry_builds_every_loss_and_modules_agree_with_functions():
     assert set(L.LOSSES) >= set(pairs) | {"fsp", "ofd"}
 
 
-def test_unknown_loss_name_suggests():
-    with pytest.raises(KeyError, match="spatial_similarity"):
+def test_unknown_loss_name_suggests_and_is_a_one_line_config_error():
+    with pytest.raises(L.UnknownLossError, match="Did you mean 'spatial_similarity'") as info:
         L.build_loss("spatial_similarty")
-    with pytest.raises(TypeError, match="bad arguments for loss 'hinton'"):
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, KeyError)
+    assert str(info.value).startswith("unknown loss 'spatial_similarty'")  # no KeyError quotes
+
+
+def test_a_bad_keyword_names_the_accepted_ones_and_keeps_its_cause():
+    with pytest.raises(ConfigError, match="bad arguments for loss 'hinton'.*takes: temperature"
+                       ) as info:
         L.build_loss("hinton", temp=3)
+    assert isinstance(info.value.__cause__, TypeError)
+
+
+class _BrokenInside(L.DistillationLoss):
+    def __init__(self, size: int = 2):
+        super().__init__()
+        self.table = torch.zeros(size) + None  # a TypeError in the constructor's own body
+
+
+def test_a_type_error_inside_a_constructor_passes_through_with_its_traceback(monkeypatch):
+    monkeypatch.setitem(L.LOSSES, "broken", _BrokenInside)
+    with pytest.raises(TypeError, match="unsupported operand") as info:
+        L.build_loss("broken", size=3)
+    assert not isinstance(info.value, ConfigError)
+    assert info.traceback[-1].name == "__init__"  # raised where it happened, not re-raised
+
+
+def test_register_loss_adds_a_user_loss_that_build_loss_finds(monkeypatch):
+    monkeypatch.setattr(L.registry, "LOSSES", dict(L.LOSSES))
+
+    @L.register_loss("mean_gap")
+    class MeanGap(L.DistillationLoss):
+        def __init__(self, scale: float = 1.0):
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, student, teacher):
+            return self.scale * (student.mean() - teacher.mean()).abs()
+
+    loss = L.build_loss("mean_gap", scale=2.0)
+    assert isinstance(loss, MeanGap)
+    assert loss(torch.ones(2, 2), torch.zeros(2, 2)).item() == 2.0
+    assert L.register_loss("mean_gap")(MeanGap) is MeanGap  # the same class again: a no-op
+
+
+def test_a_taken_loss_name_is_refused(monkeypatch):
+    monkeypatch.setattr(L.registry, "LOSSES", dict(L.LOSSES))
+    with pytest.raises(ValueError, match="'hinton' is already registered.*HintonKDLoss"):
+
+        @L.register_loss("hinton")
+        class Other(L.DistillationLoss):
+            pass
+
+
+def test_every_built_in_loss_is_registered_by_its_decorator():
+    built_in = {
+        "hinton": L.HintonKDLoss, "attention_transfer": L.AttentionTransferLoss,
+        "fsp": L.FSPLoss, "ofd": L.OFDLoss, "batch_similarity": L.BatchSimilarityLoss,
+        "spatial_similarity": L.SpatialSimilarityLoss,
+        "channel_similarity": L.ChannelSimilarityLoss,
+        "spatial_channel_similarity": L.SpatialChannelSimilarityLoss,
+    }
+    assert {name: L.LOSSES[name] for name in built_in} == built_in
+    assert all(issubclass(cls, L.DistillationLoss) for cls in L.LOSSES.values())
+
+
+def test_the_distiller_contract_defaults_and_plain_modules():
+    assert not L.takes_lists(L.HintonKDLoss()) and L.takes_lists(L.FSPLoss())
+    assert not L.takes_lists(nn.MSELoss())
+    L.bind_teacher(nn.MSELoss(), [nn.BatchNorm2d(2)])  # a plain module: nothing to bind
+    L.bind_teacher(L.HintonKDLoss(), [nn.Linear(2, 2)])  # the default reads nothing
+    ofd = L.OFDLoss()
+    bn = nn.BatchNorm2d(3)
+    L.bind_teacher(ofd, [bn])
+    torch.testing.assert_close(ofd.margin, L.ofd_margin(bn))
+    with pytest.raises(NotImplementedError, match="forward"):
+        L.DistillationLoss()(torch.zeros(1), torch.zeros(1))
 
 
 def test_ofd_module_without_margin_says_how():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from kdkit.errors import ConfigError
+
 
 def _dims(t: torch.Tensor) -> str:
     return "×".join(str(d) for d in t.shape)
@@ -13,7 +15,7 @@ def _dims(t: torch.Tensor) -> str:
 def require_min_dims(loss: str, t: torch.Tensor, role: str, ndim: int, layout: str) -> None:
     """``t`` must have at least ``ndim`` dimensions (``layout`` names them, e.g. 'B×C×H×W')."""
     if t.dim() < ndim:
-        raise ValueError(f"{loss}: the {role} must be {layout}; found shape {_dims(t)}")
+        raise ConfigError(f"{loss}: the {role} must be {layout}; found shape {_dims(t)}")
 
 
 def require_match(
@@ -23,7 +25,7 @@ def require_match(
     s = student.shape[dims]
     t = teacher.shape[dims]
     if s != t:
-        raise ValueError(
+        raise ConfigError(
             f"{loss}: student and teacher must have the same {what}; found student "
             f"{_dims(student)} and teacher {_dims(teacher)}. {fix}"
         )

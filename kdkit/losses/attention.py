@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from kdkit.losses._shapes import require_match, require_min_dims
+from kdkit.losses.protocol import DistillationLoss
+from kdkit.losses.registry import register_loss
 
 __all__ = ["attention_map", "attention_transfer_loss", "AttentionTransferLoss"]
 
@@ -34,7 +35,8 @@ def attention_transfer_loss(
     return F.mse_loss(attention_map(student, p), attention_map(teacher.detach(), p))
 
 
-class AttentionTransferLoss(nn.Module):
+@register_loss("attention_transfer")
+class AttentionTransferLoss(DistillationLoss):
     """Module form of :func:`attention_transfer_loss`."""
 
     def __init__(self, p: float = 2):

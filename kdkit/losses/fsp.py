@@ -6,9 +6,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from kdkit.errors import ConfigError
 from kdkit.losses._shapes import require_match, require_min_dims
+from kdkit.losses.protocol import DistillationLoss
+from kdkit.losses.registry import register_loss
 
 __all__ = ["fsp_matrix", "fsp_loss", "FSPLoss"]
 
@@ -25,7 +27,7 @@ def fsp_matrix(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
         elif all(a <= b for a, b in zip(size1, size2)):
             f2 = F.adaptive_avg_pool2d(f2, size1)
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"fsp_matrix: one map must be at least as large as the other in both spatial "
                 f"dims; found {size1} and {size2}"
             )
@@ -40,7 +42,7 @@ def fsp_loss(
     consecutive pairs ``(i, i+1)`` of the MSE between student and teacher FSP matrices."""
     name = "fsp_loss"
     if len(student_feats) != len(teacher_feats) or len(student_feats) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: needs the same number (at least 2) of student and teacher maps; found "
             f"{len(student_feats)} student and {len(teacher_feats)} teacher maps"
         )
@@ -57,7 +59,8 @@ def fsp_loss(
     return total
 
 
-class FSPLoss(nn.Module):
+@register_loss("fsp")
+class FSPLoss(DistillationLoss):
     """Module form of :func:`fsp_loss`; takes lists of maps."""
 
     takes_lists = True

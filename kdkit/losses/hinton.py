@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from kdkit.errors import ConfigError
 from kdkit.losses._shapes import require_match, require_min_dims
+from kdkit.losses.protocol import DistillationLoss
+from kdkit.losses.registry import register_loss
 
 __all__ = ["hinton_kd_loss", "HintonKDLoss"]
 
@@ -18,7 +20,7 @@ def hinton_kd_loss(
     averaged over samples (and pixels). ``B×K`` or ``B×K×H×W`` → scalar."""
     name = "hinton_kd_loss"
     if temperature <= 0:
-        raise ValueError(f"{name}: temperature must be positive, got {temperature}")
+        raise ConfigError(f"{name}: temperature must be positive, got {temperature}")
     require_min_dims(name, student_logits, "student logits", 2, "B×K or B×K×H×W")
     require_match(
         name, "logit shape", student_logits, teacher_logits, slice(None),
@@ -30,7 +32,8 @@ def hinton_kd_loss(
     return kl.mean() * temperature**2
 
 
-class HintonKDLoss(nn.Module):
+@register_loss("hinton")
+class HintonKDLoss(DistillationLoss):
     """Module form of :func:`hinton_kd_loss`."""
 
     def __init__(self, temperature: float = 4.0):

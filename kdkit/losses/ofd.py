@@ -8,7 +8,10 @@ import math
 import torch
 from torch import nn
 
+from kdkit.errors import ConfigError
 from kdkit.losses._shapes import require_match, require_min_dims
+from kdkit.losses.protocol import DistillationLoss
+from kdkit.losses.registry import register_loss
 
 __all__ = ["ofd_margin", "ofd_loss", "ofd_layer_weights", "OFDLoss"]
 
@@ -18,7 +21,7 @@ def ofd_margin(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     value of a negative response, ``m = β − s·φ(β/s)/Φ(−β/s)`` with ``s = |γ|``, or ``−3s``
     where ``Φ(−β/s) ≤ 1e-3``. A channel with ``γ = 0`` is the constant ``β``: ``min(β, 0)``."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.affine:
-        raise TypeError(
+        raise ConfigError(
             f"ofd_margin needs an affine BatchNorm module (the teacher's BN before the ReLU), "
             f"got {type(bn).__name__}"
         )
@@ -47,7 +50,7 @@ def ofd_loss(
         "of the same spatial size.",
     )
     if margin.dim() != 1 or margin.shape[0] != student.shape[1]:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: margin must hold one value per channel ({student.shape[1]}), found "
             f"shape {tuple(margin.shape)}"
         )
@@ -62,7 +65,8 @@ def ofd_layer_weights(num_layers: int) -> list[float]:
     return [1.0 / 2 ** (num_layers - i - 1) for i in range(num_layers)]
 
 
-class OFDLoss(nn.Module):
+@register_loss("ofd")
+class OFDLoss(DistillationLoss):
     """Module form of :func:`ofd_loss`. The margin is given, or taken from the teacher's
     BatchNorm by :meth:`bind_teacher` (the Distiller calls it with the recorded module)."""
 
@@ -73,7 +77,9 @@ class OFDLoss(nn.Module):
     def bind_teacher(self, modules: list[nn.Module]) -> None:
         """Take the margin from the single teacher BatchNorm this loss distils from."""
         if len(modules) != 1:
-            raise ValueError(f"OFD distils one teacher layer per term, got {len(modules)}")
+            raise ConfigError(
+                f"OFD distils one teacher layer per term (the BatchNorm before the ReLU), "
+                f"got {len(modules)}; give each layer its own term")
         self.margin = ofd_margin(modules[0])
 
     def forward(self, student: torch.Tensor, teacher_pre_relu: torch.Tensor) -> torch.Tensor:

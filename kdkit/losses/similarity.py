@@ -9,12 +9,14 @@ rounding.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from kdkit import kernels
 from kdkit.distributed import all_gather_with_grad
+from kdkit.errors import ConfigError
 from kdkit.kernels import DEFAULT_ACCUMULATE
 from kdkit.losses._shapes import require_match, require_min_dims
+from kdkit.losses.protocol import DistillationLoss
+from kdkit.losses.registry import register_loss
 
 __all__ = [
     "batch_similarity_loss",
@@ -55,7 +57,7 @@ def batch_similarity_loss(
     if gather:
         student, teacher = all_gather_with_grad(student), all_gather_with_grad(teacher)
     if student.shape[0] < 2:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: a batch similarity map needs at least 2 samples, found a batch of "
             f"{student.shape[0]}; use a larger batch (per process, unless gather=True) or "
             "drop the batch term"
@@ -107,7 +109,7 @@ def spatial_channel_similarity_loss(
     return kernels.spatial_channel_similarity(student, teacher, backend, accumulate)
 
 
-class _SimilarityLoss(nn.Module):
+class _SimilarityLoss(DistillationLoss):
     """Module form of a similarity loss with a fixed backend and accumulation."""
 
     function = staticmethod(spatial_similarity_loss)
@@ -124,6 +126,7 @@ class _SimilarityLoss(nn.Module):
         return f"backend={self.backend!r}, accumulate={self.accumulate!r}"
 
 
+@register_loss("batch_similarity")
 class BatchSimilarityLoss(_SimilarityLoss):
     """Module form of :func:`batch_similarity_loss` (``gather``: the global batch's map
     in multi-process training)."""
@@ -143,18 +146,21 @@ class BatchSimilarityLoss(_SimilarityLoss):
         return f"{super().extra_repr()}, gather={self.gather}"
 
 
+@register_loss("spatial_similarity")
 class SpatialSimilarityLoss(_SimilarityLoss):
     """Module form of :func:`spatial_similarity_loss`."""
 
     function = staticmethod(spatial_similarity_loss)
 
 
+@register_loss("channel_similarity")
 class ChannelSimilarityLoss(_SimilarityLoss):
     """Module form of :func:`channel_similarity_loss`."""
 
     function = staticmethod(channel_similarity_loss)
 
 
+@register_loss("spatial_channel_similarity")
 class SpatialChannelSimilarityLoss(_SimilarityLoss):
     """Module form of :func:`spatial_channel_similarity_loss`."""
 
