@@ -11,7 +11,8 @@
     (task_loss(out.student_output, y) + out.losses["total"]).backward()
 
 Features are taken by module name with forward hooks (:mod:`kdkit.capture`), so both
-models run unchanged. ``"output"`` refers to a model's own output.
+models run unchanged. ``"output"`` refers to a model's own output. What the Distiller asks
+of a loss module is :class:`kdkit.losses.DistillationLoss`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from kdkit.adapters import build_adapter
-from kdkit.capture import FeatureRecorder, FeatureRef, UnknownModuleError, resolve_module
-from kdkit.losses import build_loss
+from kdkit.capture import (
+    FeatureRecorder,
+    FeatureRef,
+    UnknownModuleError,
+    resolve_module,
+    unwrap_model,
+)
+from kdkit.errors import ConfigError, NonFiniteLossError
+from kdkit.losses import bind_teacher, build_loss, takes_lists
 
 __all__ = ["DistillTerm", "Distiller", "DistillerOutput", "OUTPUT"]
 
@@ -69,6 +78,15 @@ class DistillTerm:
         return f"{loss}:{'+'.join(self.refs('student'))}"
 
 
+_NON_FINITE_FIXES = {
+    "teacher": "check the teacher's weights (a checkpoint that loaded NaN) and the inputs",
+    "student": "the student diverged or received it (lower the learning rate, clip "
+               "gradients, check the inputs; with fp16 autocast, try bf16)",
+    "loss": "check the loss's arguments and the term's adapter, and the features' scale "
+            "(overflow in half precision)",
+}
+
+
 class DistillerOutput(NamedTuple):
     """``student_output``: the student's output; ``losses``: each term's weighted loss by
     name plus their ``"total"``; ``teacher_output``: the teacher's output (no grad)."""
@@ -78,16 +96,68 @@ class DistillerOutput(NamedTuple):
     teacher_output: Any
 
 
+def _require_separate_models(teacher: nn.Module, student: nn.Module) -> None:
+    """The teacher is frozen, so a student that is the teacher, or shares parameters with
+    it, would be frozen too: refuse both."""
+    fix = "pass a separate teacher, e.g. teacher = copy.deepcopy(model)"
+    if unwrap_model(teacher) is unwrap_model(student):
+        raise ConfigError(
+            "the teacher and the student are the same module; the Distiller freezes the "
+            f"teacher (requires_grad=False), so the student would never train: {fix}")
+    teacher_parameters = {id(p) for p in teacher.parameters()}
+    shared = [n for n, p in student.named_parameters() if id(p) in teacher_parameters]
+    if shared:
+        raise ConfigError(
+            f"the student shares {len(shared)} parameter(s) with the teacher "
+            f"({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}); the Distiller "
+            f"freezes the teacher, so they would never train: {fix}")
+
+
+def _require_one_device(teacher: nn.Module, student: nn.Module) -> None:
+    devices = {role: {p.device for p in model.parameters()}
+               for role, model in (("teacher", teacher), ("student", student))}
+    if devices["teacher"] and devices["student"] and devices["teacher"] != devices["student"]:
+        raise ConfigError(
+            f"the teacher is on {sorted(map(str, devices['teacher']))} but the student on "
+            f"{sorted(map(str, devices['student']))}; move both to one device "
+            "(teacher.to(device), student.to(device)) before building the Distiller")
+
+
+def _float_tensors(value: Any) -> list[torch.Tensor]:
+    """The floating-point tensors in ``value`` (a tensor, or a model output's nesting)."""
+    return [t for t in tree_leaves(value)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _non_finite(value: Any) -> str | None:
+    """``"NaN"`` or ``"infinite values"`` when a tensor in ``value`` holds them, else None
+    (synchronises with the device: for the error path only)."""
+    tensors = _float_tensors(value)
+    if any(bool(torch.isnan(t).any()) for t in tensors):
+        return "NaN"
+    if any(not bool(torch.isfinite(t).all()) for t in tensors):
+        return "infinite values"
+    return None
+
+
 class Distiller(nn.Module):
     """Runs teacher and student on the same inputs and computes the weighted terms.
 
     The teacher stays in eval mode with gradients off, so its BatchNorm statistics never
-    change. Module names are resolved at construction (unknown names raise, listing close
-    matches). With ``example_inputs`` the adapters are sized and every term's feature
-    shapes are checked at construction; without, adapters must be unneeded and shapes are
-    checked by the first forward. Adapters live in :attr:`adapters`: one ``ModuleList``
-    per term, in term order (empty where a term has none); :meth:`adapters_of` finds them
+    change; the teacher and the student must be separate modules sharing no parameter.
+    Module names are resolved at construction (unknown names raise, listing close matches).
+    With ``example_inputs`` the adapters are sized and every term's feature shapes are
+    checked at construction; without, adapters must be unneeded and shapes are checked by
+    the first forward. Adapters live in :attr:`adapters`: one ``ModuleList`` per term, in
+    term order (empty where a term has none); :meth:`adapters_of` finds them
     by term name.
+
+    ``check_finite=True`` checks every term's features and weighted loss after each
+    forward (one device-to-host synchronisation per step) and raises a
+    :class:`~kdkit.errors.NonFiniteLossError` naming the first term with a NaN or
+    infinity, the feature and whether the teacher or the student produced it, or that the
+    features were finite and the loss itself was not. Off (the default), the forward never
+    synchronises.
     """
 
     def __init__(
@@ -96,24 +166,23 @@ class Distiller(nn.Module):
         student: nn.Module,
         terms: Sequence[DistillTerm],
         example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        check_finite: bool = False,
     ):
         super().__init__()
         if not terms:
-            raise ValueError("a Distiller needs at least one DistillTerm")
-        devices = {role: {p.device for p in model.parameters()}
-                   for role, model in (("teacher", teacher), ("student", student))}
-        if devices["teacher"] and devices["student"] and devices["teacher"] != devices["student"]:
-            raise ValueError(
-                f"the teacher is on {sorted(map(str, devices['teacher']))} but the student on "
-                f"{sorted(map(str, devices['student']))}; move both to one device "
-                "(teacher.to(device), student.to(device)) before building the Distiller")
+            raise ConfigError("a Distiller needs at least one DistillTerm")
+        _require_separate_models(teacher, student)
+        _require_one_device(teacher, student)
+        self.check_finite = check_finite
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student
         self.terms = list(terms)
         self.term_names = [t.display_name() for t in self.terms]
-        duplicates = {n for n in self.term_names if self.term_names.count(n) > 1}
+        duplicates = sorted({n for n in self.term_names if self.term_names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"term names must be unique; repeated: {', '.join(duplicates)}")
+            raise ConfigError(
+                f"term names must be unique; repeated: {', '.join(duplicates)} (give each "
+                "term its own name)")
         self.losses = nn.ModuleList(
             t.loss if isinstance(t.loss, nn.Module) else build_loss(t.loss, **t.args)
             for t in self.terms
@@ -121,14 +190,12 @@ class Distiller(nn.Module):
         self._teacher_recorder = self._recorder(teacher, "teacher")
         self._student_recorder = self._recorder(student, "student")
         for term, loss in zip(self.terms, self.losses):
-            if hasattr(loss, "bind_teacher"):
-                refs = [FeatureRef.parse(r).name for r in term.refs("teacher")]
-                loss.bind_teacher([resolve_module(teacher, r, "teacher") for r in refs])
+            bind_teacher(loss, [self._teacher_module(r) for r in term.refs("teacher")])
         self.adapters = nn.ModuleList(nn.ModuleList() for _ in self.terms)
         if example_inputs is not None:
             self._build_adapters_and_check(example_inputs)
         elif any(t.adapter for t in self.terms):
-            raise ValueError(
+            raise ConfigError(
                 "adapters are sized from the features: pass example_inputs (a small batch "
                 "of real inputs) to Distiller(...)"
             )
@@ -138,6 +205,12 @@ class Distiller(nn.Module):
         if term_name not in self.term_names:
             raise KeyError(f"no term named {term_name!r}; terms: {', '.join(self.term_names)}")
         return self.adapters[self.term_names.index(term_name)]
+
+    def _teacher_module(self, ref: str) -> nn.Module:
+        """The teacher module a reference names (the teacher itself for ``"output"``)."""
+        if ref == OUTPUT:
+            return unwrap_model(self.teacher)
+        return resolve_module(self.teacher, FeatureRef.parse(ref).name, "teacher")
 
     def _recorder(self, model: nn.Module, role: str) -> FeatureRecorder:
         """A recorder of every module that ``role``'s side of the terms names."""
@@ -184,7 +257,7 @@ class Distiller(nn.Module):
         student = self._features(term.refs("student"), self._student_recorder, student_output)
         teacher = self._features(term.refs("teacher"), self._teacher_recorder, teacher_output)
         if len(student) != len(teacher):
-            raise ValueError(
+            raise ConfigError(
                 f"term {self.term_names[index]!r}: {len(student)} student feature(s) but "
                 f"{len(teacher)} teacher feature(s); list matching layers on both sides"
             )
@@ -195,11 +268,13 @@ class Distiller(nn.Module):
         if len(self.adapters[index]):
             student = [adapter(f) for adapter, f in zip(self.adapters[index], student)]
         loss = self.losses[index]
-        many = getattr(loss, "takes_lists", False)
         try:
-            return loss(student, teacher) if many else loss(student[0], teacher[0])
-        except ValueError as error:
-            raise ValueError(f"term {name!r}: {error}") from None
+            return loss(student, teacher) if takes_lists(loss) else loss(student[0], teacher[0])
+        except ConfigError as error:
+            raise ConfigError(f"term {name!r}: {error}") from error
+        except ValueError as error:  # a user's loss: its own type, with the term noted
+            error.add_note(f"in distillation term {name!r}")
+            raise
 
     def _build_adapters_and_check(self, example_inputs) -> None:
         args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (
@@ -227,8 +302,40 @@ class Distiller(nn.Module):
         """Run both models on the same inputs; returns a :class:`DistillerOutput`."""
         student_output, teacher_output = self._run(args, kwargs)
         losses: dict[str, torch.Tensor] = {}
+        features = []
         for i, (term, name) in enumerate(zip(self.terms, self.term_names)):
             student, teacher = self._term_features(i, student_output, teacher_output)
             losses[name] = term.weight * self._term_loss(i, student, teacher)
+            features.append((student, teacher))
+        if self.check_finite:
+            self._check_finite(losses, features)
         losses["total"] = sum(losses.values())
         return DistillerOutput(student_output, losses, teacher_output)
+
+    def _check_finite(self, losses: dict[str, torch.Tensor], features: list) -> None:
+        """Raise :class:`NonFiniteLossError` for the first term whose features
+        (``features[i]``: its student and teacher lists) or weighted loss are not finite;
+        one synchronisation when all are."""
+        tensors = _float_tensors((losses, features))
+        if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            return
+        for i, name in enumerate(self.term_names):
+            problem = self._term_problem(i, features[i], losses[name])
+            if problem:
+                raise NonFiniteLossError(f"term {name!r}: {problem}")
+
+    def _term_problem(self, index: int, features: tuple, loss: torch.Tensor) -> str | None:
+        """What is not finite in one term, in words, or None."""
+        term = self.terms[index]
+        student, teacher = features
+        for role, values in (("teacher", teacher), ("student", student)):
+            for ref, value in zip(term.refs(role), values):
+                found = _non_finite(value)
+                if found:
+                    return (f"the {role}'s feature {ref!r} holds {found}; "
+                            + _NON_FINITE_FIXES[role])
+        found = _non_finite(loss)
+        if found:
+            return (f"the features are finite but the loss (weight {term.weight}) is {found}; "
+                    + _NON_FINITE_FIXES["loss"])
+        return None

@@ -3,9 +3,12 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from kdkit import losses as L
 from kdkit.capture import UnknownModuleError
 from kdkit.distiller import Distiller, DistillTerm
+from kdkit.errors import ConfigError, NonFiniteLossError
 from kdkit.losses import ofd_margin
 
 
@@ -140,3 +143,142 @@ def test_unequal_feature_lists_are_rejected():
     terms = [DistillTerm("fsp", student=["0", "1"], teacher=["0"])]
     with pytest.raises(ValueError, match="2 student feature"):
         make(terms)
+
+
+# --- separate models ----------------------------------------------------------------------
+
+
+def test_the_same_model_as_teacher_and_student_is_refused():
+    model = tiny_cnn(4)
+    with pytest.raises(ConfigError, match="same module.*copy.deepcopy"):
+        Distiller(model, model, TERMS[:1])
+    assert all(p.requires_grad for p in model.parameters())  # refused before freezing
+
+
+def test_a_student_sharing_parameters_with_the_teacher_is_refused():
+    teacher = tiny_cnn(4)
+    student = nn.Sequential(teacher[0], *tiny_cnn(4)[1:])
+    with pytest.raises(ConfigError, match=r"shares 4 parameter\(s\).*0\.0\.weight.*deepcopy"):
+        Distiller(teacher, student, TERMS[:1])
+
+
+# --- training modes ---------------------------------------------------------------------------
+
+
+def modes(model):
+    return {name: m.training for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_construction_with_example_inputs_leaves_the_student_in_its_mode(training):
+    torch.manual_seed(0)
+    teacher, student = tiny_cnn(16), tiny_cnn(4).train(training)
+    Distiller(teacher, student, TERMS, example_inputs=torch.randn(2, 3, 16, 16))
+    assert set(modes(student).values()) == {training}
+
+
+def test_forward_runs_the_student_in_its_mode_and_the_teacher_in_eval():
+    distiller, x = make()
+    distiller.train()
+    seen = {}
+
+    def mode_of(role):
+        def hook(module, inputs, output):
+            seen[role] = module.training
+
+        return hook
+
+    distiller.student[0][1].register_forward_hook(mode_of("student"))
+    distiller.teacher[0][1].register_forward_hook(mode_of("teacher"))
+    running_mean = distiller.student[0][1].running_mean.clone()
+    distiller(x)
+    assert seen == {"student": True, "teacher": False}
+    assert not torch.equal(distiller.student[0][1].running_mean, running_mean)
+    assert set(modes(distiller.student).values()) == {True}
+    assert set(modes(distiller.teacher).values()) == {False}
+    distiller.eval()
+    distiller(x)
+    assert set(modes(distiller.student).values()) == {False}
+
+
+def test_the_teacher_stays_in_eval_after_distiller_train():
+    distiller, x = make()
+    distiller.teacher.train()  # even when a user put it back in training mode
+    distiller.train()
+    assert set(modes(distiller.teacher).values()) == {False}
+    state = copy.deepcopy(distiller.teacher.state_dict())
+    distiller(x)
+    for key, value in distiller.teacher.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
+
+
+# --- the finite check ------------------------------------------------------------------------
+
+
+def poison(module: nn.Module, value: float) -> None:
+    """Make ``module`` output ``value`` (NaN or ±inf) in its first element."""
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        output.view(-1)[0] = value
+        return output
+
+    module.register_forward_hook(hook)
+
+
+def test_check_finite_names_the_term_feature_and_the_student():
+    distiller, x = make(check_finite=True)
+    poison(distiller.student[0][2], float("nan"))  # the last op of block "0"
+    with pytest.raises(NonFiniteLossError,
+                       match=r"term 'spatial_similarity:0': the student's feature '0' holds NaN"):
+        distiller(x)
+
+
+def test_check_finite_names_the_teacher():
+    distiller, x = make(check_finite=True)
+    poison(distiller.teacher[1][2], float("inf"))
+    with pytest.raises(NonFiniteLossError, match=r"term 'channel_similarity:1': the "
+                       r"teacher's feature '1' holds infinite values.*teacher's weights"):
+        distiller(x)
+
+
+class ZeroOverZero(L.DistillationLoss):
+    def forward(self, student, teacher):
+        return (student.sum() - teacher.sum()) * 0 / 0
+
+
+def test_check_finite_says_when_the_features_were_finite_and_the_loss_was_not():
+    terms = [TERMS[0], DistillTerm(ZeroOverZero(), student="1", teacher="1", name="broken")]
+    distiller, x = make(terms, check_finite=True)
+    with pytest.raises(NonFiniteLossError, match="term 'broken': the features are finite but "
+                       r"the loss \(weight 1.0\) is NaN"):
+        distiller(x)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts device-to-host reads of a value (``.item()``, ``bool(tensor)``, ``float()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("check_finite, syncs", [(False, 0), (True, 1)])
+def test_the_finite_check_costs_one_host_sync_and_none_when_off(check_finite, syncs):
+    distiller, x = make(check_finite=check_finite)
+    distiller.train()
+    with HostSyncs() as counter:
+        out = distiller(x)
+    assert counter.count == syncs
+    assert torch.isfinite(out.losses["total"])
+
+
+def test_without_the_check_a_nan_feature_passes_silently():
+    distiller, x = make()
+    poison(distiller.student[0][2], float("nan"))  # the last op of block "0"
+    assert torch.isnan(distiller(x).losses["total"])
