@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 
-from kdkit.checkpoint import load_weights
-from kdkit.config import ConfigError, from_mapping, load_yaml, run_config_from_mapping
+from kdkit.checkpoint import load_weights, resolve_path
+from kdkit.config import from_mapping, load_yaml, run_config_from_mapping
 from kdkit.dcp import prune_run
+from kdkit.errors import ConfigError
+from kdkit.report import ModelResult, check_metric_names, report_settings, write_compare_report
 from kdkit.task import Task
 from kdkit.train import (
     WEIGHTS,
@@ -35,7 +37,12 @@ from kdkit.train import (
     train,
 )
 
-__all__ = ["CompareConfig", "load_compare_config", "method_runs", "needs_teacher", "run_compare"]
+__all__ = ["CompareConfig", "evaluation_key", "load_compare_config", "method_runs",
+           "needs_teacher", "run_compare"]
+
+# Bump when kdkit's per-image evaluation changes (a task bumps its own ``metrics_version``):
+# it is part of every cached evaluation's key, so the caches are recomputed.
+METRICS_VERSION = 1
 
 
 @dataclass
@@ -85,6 +92,7 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
     if config.baseline not in config.methods:
         raise ConfigError(f"{path}: baseline {config.baseline!r} is not among the methods: "
                           f"{', '.join(config.methods)}")
+    report_settings(config.report)  # checked now, not after every run has trained
     return config
 
 
@@ -197,33 +205,74 @@ def per_image_metrics(task: Task, model, dataset, run, device) -> list[dict[str,
     return values
 
 
-def _evaluate_cached(task, model_path, run, device, eval_set, cache: Path):
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (a weights file: small enough to hash whole)."""
+    digest = hashlib.sha256()
+    with open(resolve_path(path), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def evaluation_key(task: Task, model_spec: dict, weights: str | Path, data: dict,
+                   metrics: dict) -> dict[str, Any]:
+    """Everything that produced a model's per-image metrics: the weights' bytes, the
+    architecture, the evaluation's ``data:`` and ``metrics:`` mappings, and the metric
+    versions of kdkit and of the task (``task.metrics_version``, 1 when absent)."""
+    return json.loads(json.dumps({
+        "weights": file_digest(weights), "model": model_spec, "data": data,
+        "metrics": metrics,
+        "metrics_version": {"kdkit": METRICS_VERSION,
+                            "task": getattr(task, "metrics_version", 1)},
+    }, sort_keys=True, default=str))
+
+
+def _evaluate_cached(task: Task, model_spec: dict, weights: str | Path, run, data: dict,
+                     device, eval_set, cache: Path) -> list[dict[str, float]]:
+    """Per-image metrics of the model ``model_spec`` with ``weights`` on ``eval_set`` (made
+    from ``data``), read from ``cache`` when it holds them under the same
+    :func:`evaluation_key`, else computed and written there with the key."""
+    key = evaluation_key(task, model_spec, weights, data, run.metrics)
     if cache.exists():
-        return json.loads(cache.read_text())
-    model = load_weights(build_model(task, run.model), model_path).to(device)
+        stored = json.loads(cache.read_text())
+        if isinstance(stored, dict) and stored.get("key") == key:
+            return stored["per_image"]
+    model = load_weights(build_model(task, model_spec), weights).to(device)
     values = per_image_metrics(task, model, eval_set, run, device)
-    cache.write_text(json.dumps(values))
+    cache.write_text(json.dumps({"key": key, "per_image": values}))
     return values
 
 
-def run_compare(config: CompareConfig, task: Task, w2_values: list[float] | None = None,
-                progress: bool = True) -> Path:
-    """Train what is missing, evaluate everything per image, write the report; returns the
-    report folder."""
-    from kdkit.report import ModelResult, write_compare_report
+def _all_runs(config: CompareConfig, w2_values: list[float] | None) -> tuple[list, dict]:
+    """([(label, seed, run config)], {run folder: prune job or None}) over the w2 values;
+    methods without feature terms run once, shared across them."""
+    runs, jobs = [], {}
+    for w2 in (w2_values or [None]):
+        for label, seed, run, job in method_runs(config, w2):
+            if label in {r[0] for r in runs if r[1] == seed}:
+                continue
+            runs.append((label, seed, run))
+            jobs[run.out_dir] = job
+    return runs, jobs
 
+
+def _check_report_metrics(config: CompareConfig, task: Task, run) -> None:
+    """Refuse, before any training, a ``report.primary``/``columns`` that names no metric of
+    the task (the metric names are those of a fresh metric collection of ``run``)."""
+    metrics = task.metrics(run.metrics)
+    names = list(metrics.keys()) if hasattr(metrics, "keys") else ["metric"]
+    check_metric_names(report_settings(config.report, task), names)
+
+
+def _train_missing(config: CompareConfig, task: Task, runs: list, jobs: dict,
+                   progress: bool) -> None:
+    """Train the teacher (when trained here) and every run that has not finished; a
+    pruning method's sparsify run and pruned model first when missing."""
     teacher = teacher_run(config)
     if teacher is not None and not _finished(Path(teacher.out_dir), teacher.train.steps):
         if progress:
             print(f"training the teacher → {teacher.out_dir}")
         train(teacher, task, progress=progress)
-    runs, jobs = [], {}
-    for w2 in (w2_values or [None]):
-        for label, seed, run, job in method_runs(config, w2):
-            if label in {r[0] for r in runs if r[1] == seed}:
-                continue  # methods without feature terms are shared across w2 values
-            runs.append((label, seed, run))
-            jobs[run.out_dir] = job
     for label, seed, run in runs:
         if _finished(Path(run.out_dir), run.train.steps):
             if progress:
@@ -238,25 +287,38 @@ def run_compare(config: CompareConfig, task: Task, w2_values: list[float] | None
             print(f"training {label} (seed {seed}) → {run.out_dir}")
         train(run, task, progress=progress)
 
+
+def _evaluate_all(config: CompareConfig, task: Task, runs: list, device,
+                  eval_set) -> list[ModelResult]:
+    """The teacher's and every run's per-image metrics on ``eval_set`` (made from the first
+    run's ``data:``), cached beside each run."""
     first = runs[0][2]
-    device = resolve_device(first.train.device)
-    _, eval_set = task.datasets(first.data)
-    results = []
-    teacher_model_spec = config.teacher["model"]
-    teacher_cache = Path(config.out_dir) / "teacher_per_image.json"
-    teacher_config = copy.copy(first)
-    teacher_config.model = teacher_model_spec
-    results.append(ModelResult(
-        "teacher", 0, teacher_model_spec,
-        _evaluate_cached(task, teacher_checkpoint(config), teacher_config, device, eval_set,
-                         teacher_cache),
-        None if teacher is None else Path(teacher.out_dir), teacher=True))
+    teacher, teacher_spec = teacher_run(config), config.teacher["model"]
+    results = [ModelResult(
+        "teacher", 0, teacher_spec,
+        _evaluate_cached(task, teacher_spec, teacher_checkpoint(config), first, first.data,
+                         device, eval_set, Path(config.out_dir) / "teacher_per_image.json"),
+        None if teacher is None else Path(teacher.out_dir), teacher=True)]
     for label, seed, run in runs:
         run_dir = Path(run.out_dir)
         results.append(ModelResult(
             label, seed, run.model,
-            _evaluate_cached(task, run_dir / "model.pt", run, device, eval_set,
-                             run_dir / "per_image.json"),
+            _evaluate_cached(task, run.model, run_dir / WEIGHTS, run, first.data, device,
+                             eval_set, run_dir / "per_image.json"),
             run_dir))
+    return results
+
+
+def run_compare(config: CompareConfig, task: Task, w2_values: list[float] | None = None,
+                progress: bool = True) -> Path:
+    """Train what is missing, evaluate everything per image, write the report; returns the
+    report folder."""
+    runs, jobs = _all_runs(config, w2_values)
+    _check_report_metrics(config, task, runs[0][2])
+    _train_missing(config, task, runs, jobs, progress)
+    first = runs[0][2]
+    device = resolve_device(first.train.device)
+    _, eval_set = task.datasets(first.data)
+    results = _evaluate_all(config, task, runs, device, eval_set)
     return write_compare_report(config, task, results, teacher_checkpoint(config), eval_set,
                                 device)

@@ -1,12 +1,17 @@
 """The comparison report: a table with seed statistics and paired bootstrap intervals, a
 CSV, and figures (metric bars with intervals, training curves, example predictions).
 
+The report is built in two steps: :func:`build_report` turns the evaluated models into a
+:class:`CompareReport` (numbers only), and the renderers write it: :func:`render_markdown`,
+:func:`write_csv` and the figures.
+
 Statistics. For each method, each seed's metric is the mean over test images; the table
-gives the mean ± standard deviation of that over seeds. Against the baseline, each test
-image's difference (method − baseline, same seed, averaged over seeds) is resampled with
-replacement 10,000 times; the 2.5th and 97.5th percentiles of the resampled means are the
-95% interval. An interval that excludes 0 is a difference the test set resolves; one that
-straddles 0 is not (at this test-set size and these seeds).
+gives the mean ± standard deviation of that over seeds (with one seed, the mean and
+``n = 1``). Against the baseline, each test image's difference (method − baseline, same
+seed, averaged over seeds) is resampled with replacement 10,000 times; the 2.5th and 97.5th
+percentiles of the resampled means are the 95% interval. An interval that excludes 0 is a
+difference the test set resolves; one that straddles 0 is not (at this test-set size and
+these seeds).
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +31,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from kdkit.checkpoint import load_weights  # noqa: E402
+from kdkit.config import from_mapping  # noqa: E402
+from kdkit.errors import ConfigError, DataError  # noqa: E402
 from kdkit.export import cpu_latency_ms  # noqa: E402
-from kdkit.train import build_model, read_log, test_batches  # noqa: E402
+from kdkit.provenance import provenance, provenance_line  # noqa: E402
+from kdkit.pruning import count_parameters_and_flops  # noqa: E402
+from kdkit.train import WEIGHTS, build_model, read_log, test_batches  # noqa: E402
 
-__all__ = ["ModelResult", "bootstrap_interval", "verdicts", "write_compare_report"]
+__all__ = ["CompareReport", "ModelCost", "ModelResult", "ReportSettings", "Stat",
+           "bootstrap_interval", "build_report", "column_digits", "render_markdown",
+           "report_settings", "training_curves", "verdicts", "write_compare_report", "write_csv"]
 
 BOOTSTRAP_SAMPLES = 10_000
+SIGNIFICANT_DIGITS = {"metric": 4, "cost": 3}  # of a column's largest value
 
 
 @dataclass
@@ -49,6 +61,134 @@ class ModelResult:
 
     def mean(self, metric: str) -> float:
         return statistics.fmean(image[metric] for image in self.per_image)
+
+
+@dataclass
+class ReportSettings:
+    """A compare config's ``report:`` mapping; ``primary``/``better`` default to the task's
+    ``primary_metric``, ``columns`` to every metric, ``examples: 0`` draws no examples."""
+
+    primary: str | None = None
+    better: str | None = None
+    examples: int = 4
+    flops_size: list[int] = field(default_factory=lambda: [320, 320])
+    latency_size: list[int] | None = field(default_factory=lambda: [512, 512])
+    columns: list[str] | None = None
+    smoke_scale: bool = False
+    title: str = "Knowledge distillation comparison"
+    command: str | None = None
+
+
+def _check_size(value: list[int] | None, key: str) -> None:
+    if value is not None and (len(value) != 2 or min(value) < 1):
+        raise ConfigError(f"report.{key}: expected [height, width], two positive integers, "
+                          f"found {value}")
+
+
+def report_settings(mapping: dict[str, Any], task: Any = None) -> ReportSettings:
+    """Checked :class:`ReportSettings` from a ``report:`` mapping (keys, types, ranges);
+    with ``task``, ``primary`` and ``better`` filled in from its ``primary_metric``."""
+    settings = from_mapping(ReportSettings, mapping, "report")
+    if settings.better not in (None, "lower", "higher"):
+        raise ConfigError(f"report.better: expected 'lower' or 'higher', found "
+                          f"{settings.better!r}")
+    if settings.examples < 0:
+        raise ConfigError(f"report.examples: expected a count ≥ 0 (0: no examples figure), "
+                          f"found {settings.examples}")
+    _check_size(settings.flops_size, "flops_size")
+    _check_size(settings.latency_size, "latency_size")
+    if task is not None:
+        primary, better = getattr(task, "primary_metric", (None, "lower"))
+        settings.primary = settings.primary or primary
+        settings.better = settings.better or better
+    return settings
+
+
+def check_metric_names(settings: ReportSettings, metric_names: list[str]) -> None:
+    """Refuse a ``report.primary`` or ``report.columns`` that names no metric of the task."""
+    asked = [settings.primary, *(settings.columns or [])]
+    unknown = [name for name in asked if name is not None and name not in metric_names]
+    if unknown:
+        raise ConfigError(f"report names {unknown}, not metrics of this task; its metrics: "
+                          f"{', '.join(metric_names)}")
+
+
+@dataclass
+class Stat:
+    """Mean, standard deviation (0 for one value) and count of one metric over seeds."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return cls(statistics.fmean(values), std, len(values))
+
+
+@dataclass
+class ModelCost:
+    """An architecture's parameters, GFLOPs of one forward, CPU ms of one forward (None when
+    not timed) and, for a pruned model, the percentage of the unpruned architecture's
+    parameters and GFLOPs it kept."""
+
+    params: int
+    gflops: float
+    cpu_ms: float | None = None
+    kept_params: float | None = None
+    kept_gflops: float | None = None
+
+
+@dataclass
+class SeedRow:
+    """One model and seed: a row of the CSV."""
+
+    method: str
+    seed: int
+    metrics: dict[str, float]
+    cost: ModelCost
+    train_ms_per_step: float | None
+
+
+@dataclass
+class MethodRow:
+    """One method over its seeds: a row of the table. ``delta`` is (mean, low, high) of
+    method − baseline on the primary metric, None for the teacher and the baseline."""
+
+    method: str
+    metrics: dict[str, Stat]
+    cost: ModelCost
+    train_ms_per_step: float | None
+    delta: tuple[float, float, float] | None
+
+
+@dataclass
+class CompareReport:
+    """Everything the report shows, before any rendering."""
+
+    settings: ReportSettings
+    task: str
+    baseline: str
+    metric_names: list[str]
+    units: dict[str, str]
+    images: int
+    seeds: list[int]
+    device: str
+    steps: list[int]
+    runtime: str
+    threads: int
+    provenance: dict[str, str]
+    seed_rows: list[SeedRow]
+    rows: list[MethodRow]
+
+    @property
+    def intervals(self) -> dict[str, tuple[float, float, float]]:
+        return {row.method: row.delta for row in self.rows if row.delta is not None}
+
+    @property
+    def pruned(self) -> bool:
+        return any(row.cost.kept_params is not None for row in self.rows)
 
 
 def bootstrap_interval(differences: np.ndarray, level: float = 0.95,
@@ -72,10 +212,6 @@ def verdicts(intervals: dict[str, tuple[float, float, float]],
     return (lower, higher, unresolved) if better == "lower" else (higher, lower, unresolved)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _ms_per_step(run_dir: Path | None) -> float | None:
     """Median training ms/step over the logged intervals, the first (start-up) left out."""
     times = [x["ms_per_step"] for x in read_log(run_dir, "train")]
@@ -83,81 +219,342 @@ def _ms_per_step(run_dir: Path | None) -> float | None:
     return statistics.median(times) if times else None
 
 
-def _model_cost(task, spec: dict, size: tuple[int, int],
-                latency_size: tuple[int, int] | None) -> tuple[int, float, float | None, str]:
-    """(parameters, GFLOPs of one forward at ``size``, CPU ms of one forward at
-    ``latency_size`` or None, the runtime that timed it), for the architecture of
-    ``spec`` (weights do not change either)."""
+def _unpruned(spec: dict) -> dict | None:
+    """The architecture a pruned model's ``spec`` was pruned from; None when not pruned."""
+    if "pruned" not in spec:
+        return None
+    return {k: v for k, v in spec.items() if k not in ("pruned", "reinit")}
+
+
+def _count(task, spec: dict, size: list[int]) -> tuple[int, float]:
+    """(parameters, GFLOPs of one forward at ``size``) of the architecture ``spec``."""
     model = build_model(task, spec).eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*task.flops_inputs(*size))
-    params = sum(p.numel() for p in model.parameters())
-    latency, runtime = (None, "") if latency_size is None else cpu_latency_ms(
-        model, task.flops_inputs(*latency_size))
-    return params, counter.get_total_flops() / 1e9, latency, runtime
+    params, flops = count_parameters_and_flops(model, task.flops_inputs(*size))
+    return params, flops / 1e9
+
+
+def _model_cost(task, spec: dict, settings: ReportSettings) -> tuple[ModelCost, str]:
+    """(the cost of the architecture of ``spec``, the runtime that timed it or ""); weights
+    change none of it."""
+    params, gflops = _count(task, spec, settings.flops_size)
+    cost = ModelCost(params, gflops)
+    if (unpruned := _unpruned(spec)) is not None:
+        full_params, full_gflops = _count(task, unpruned, settings.flops_size)
+        cost.kept_params = 100 * params / full_params
+        cost.kept_gflops = 100 * gflops / full_gflops
+    if settings.latency_size is None:
+        return cost, ""
+    model = build_model(task, spec).eval()
+    cost.cpu_ms, runtime = cpu_latency_ms(model, task.flops_inputs(*settings.latency_size))
+    return cost, runtime
+
+
+def _costs(task, results: list[ModelResult],
+           settings: ReportSettings) -> tuple[dict[str, ModelCost], str]:
+    """({architecture key: cost} for every architecture among ``results``, the runtime)."""
+    costs, runtime = {}, ""
+    for result in results:
+        key = _spec_key(result.model_spec)
+        if key not in costs:
+            costs[key], runtime = _model_cost(task, result.model_spec, settings)
+    return costs, runtime
+
+
+def _spec_key(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True)
 
 
 def _paired(results: list[ModelResult], baseline: str, metric: str) -> dict[str, np.ndarray]:
-    """Per-image (method − baseline) differences, averaged over the seeds both share."""
+    """Per-image (method − baseline) differences, averaged over the seeds both share.
+    Raises DataError when a method and the baseline were evaluated on different numbers
+    of images."""
     base = {r.seed: r for r in results if r.name == baseline}
     by_method: dict[str, list[np.ndarray]] = {}
     for r in results:
         if r.teacher or r.name == baseline or r.seed not in base:
             continue
-        diff = np.array([a[metric] - b[metric]
-                         for a, b in zip(r.per_image, base[r.seed].per_image)])
+        other = base[r.seed]
+        if len(r.per_image) != len(other.per_image):
+            raise DataError(
+                f"cannot pair {r.name!r} (seed {r.seed}, {len(r.per_image)} test images) with "
+                f"the baseline {baseline!r} ({len(other.per_image)} images): they were "
+                "evaluated on different test sets. Delete their per_image.json files and "
+                "run the comparison again")
+        diff = np.array([a[metric] - b[metric] for a, b in zip(r.per_image, other.per_image)])
         by_method.setdefault(r.name, []).append(diff)
     return {name: np.mean(diffs, axis=0) for name, diffs in by_method.items()}
 
 
-def _fmt(mean: float, std: float, scale: float = 1.0) -> str:
-    digits = 4 if abs(mean * scale) < 1 else 2
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+def _method_row(name: str, group: list[ModelResult], metric_names: list[str],
+                cost: ModelCost, delta) -> MethodRow:
+    stats = {m: Stat.of([r.mean(m) for r in group]) for m in metric_names}
+    times = [t for t in map(_ms_per_step, (r.run_dir for r in group)) if t is not None]
+    return MethodRow(name, stats, cost, statistics.median(times) if times else None, delta)
 
 
-def _figure_bars(path: Path, names, means, intervals, metric, baseline, better) -> None:
-    improved, worsened, _ = verdicts(intervals, better)
+def _steps(results: list[ModelResult]) -> list[int]:
+    """The distinct final training steps of the students."""
+    return sorted({records[-1]["step"] for r in results
+                   if not r.teacher and (records := read_log(r.run_dir, "train"))})
+
+
+def build_report(config, task, results: list[ModelResult], settings: ReportSettings,
+                 images: int, device) -> CompareReport:
+    """The report's numbers: per-seed rows, per-method rows with seed statistics, costs and
+    the paired interval against ``config.baseline`` on the primary metric."""
+    metric_names = settings.columns or list(results[0].per_image[0])
+    check_metric_names(settings, list(results[0].per_image[0]))
+    costs, runtime = _costs(task, results, settings)
+    cost_of = {id(r): costs[_spec_key(r.model_spec)] for r in results}
+    paired = _paired(results, config.baseline, settings.primary)
+    intervals = {name: (float(d.mean()), *bootstrap_interval(d)) for name, d in paired.items()}
+    seed_rows = [SeedRow(r.name, r.seed, {m: r.mean(m) for m in metric_names}, cost_of[id(r)],
+                         _ms_per_step(r.run_dir)) for r in results]
+    rows = []
+    for name in dict.fromkeys(r.name for r in results):
+        group = [r for r in results if r.name == name]
+        rows.append(_method_row(name, group, metric_names, cost_of[id(group[0])],
+                                intervals.get(name)))
+    units = getattr(task, "metric_units", {})
+    return CompareReport(settings, config.task, config.baseline, metric_names,
+                         {m: units[m] for m in metric_names if m in units}, images,
+                         list(config.seeds), str(device), _steps(results), runtime,
+                         torch.get_num_threads(), provenance(), seed_rows, rows)
+
+
+# --- rendering: numbers -----------------------------------------------------------------------
+
+
+def column_digits(values: list[float | None], significant: int) -> int:
+    """Decimals that give the column's largest magnitude ``significant`` digits (at least
+    0): one number format for a whole column."""
+    largest = max((abs(v) for v in values if v is not None and math.isfinite(v)), default=0)
+    if largest == 0:
+        return significant - 1
+    return max(0, significant - 1 - math.floor(math.log10(largest)))
+
+
+def _number(value: float | None, digits: int, sign: str = "") -> str:
+    return "—" if value is None else f"{value:{sign},.{digits}f}"
+
+
+def _stat_cell(stat: Stat, digits: int) -> str:
+    if stat.n == 1:
+        return f"{_number(stat.mean, digits)} (n = 1)"
+    return f"{_number(stat.mean, digits)} ± {_number(stat.std, digits)}"
+
+
+def _delta_cell(delta: tuple[float, float, float] | None, digits: int) -> str:
+    if delta is None:
+        return "—"
+    mean, low, high = (_number(v, digits, "+") for v in delta)
+    return f"{mean} [{low}, {high}]"
+
+
+def _metric_column(report: CompareReport, metric: str) -> list[str]:
+    stats = [row.metrics[metric] for row in report.rows]
+    digits = column_digits([s.mean for s in stats], SIGNIFICANT_DIGITS["metric"])
+    return [_stat_cell(s, digits) for s in stats]
+
+
+def _cost_column(values: list[float | None]) -> list[str]:
+    digits = column_digits(values, SIGNIFICANT_DIGITS["cost"])
+    return [_number(v, digits) for v in values]
+
+
+def _delta_column(report: CompareReport) -> list[str]:
+    deltas = [row.delta for row in report.rows]
+    digits = column_digits([v for d in deltas if d for v in d], SIGNIFICANT_DIGITS["cost"])
+    return [_delta_cell(d, digits) for d in deltas]
+
+
+def _metric_header(report: CompareReport, metric: str) -> str:
+    unit = report.units.get(metric)
+    return f"{metric} ({unit})" if unit else metric
+
+
+def _columns(report: CompareReport) -> list[tuple[str, list[str]]]:
+    """The table as (header, cells) columns, each cell in its column's format."""
+    s, rows = report.settings, report.rows
+    columns = [("method", [row.method for row in rows])]
+    columns += [(_metric_header(report, m), _metric_column(report, m))
+                for m in report.metric_names]
+    columns.append(("params", [f"{row.cost.params:,}" for row in rows]))
+    columns.append((f"GFLOPs @{s.flops_size[0]}²",
+                    _cost_column([row.cost.gflops for row in rows])))
+    if report.pruned:
+        columns.append(("kept % params", _cost_column([r.cost.kept_params for r in rows])))
+        columns.append(("kept % GFLOPs", _cost_column([r.cost.kept_gflops for r in rows])))
+    if s.latency_size:
+        columns.append((f"CPU ms @{s.latency_size[0]}²",
+                        _cost_column([row.cost.cpu_ms for row in rows])))
+    columns.append(("train ms/step", _cost_column([row.train_ms_per_step for row in rows])))
+    columns.append((f"Δ{s.primary} vs {report.baseline} [95% CI]", _delta_column(report)))
+    return columns
+
+
+def render_table(report: CompareReport) -> list[str]:
+    """The Markdown table's lines."""
+    columns = _columns(report)
+    lines = ["| " + " | ".join(header for header, _ in columns) + " |",
+             "|---|" + "---:|" * (len(columns) - 2) + "---|"]
+    for cells in zip(*(cells for _, cells in columns)):
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+# --- rendering: text --------------------------------------------------------------------------
+
+
+def _preamble(report: CompareReport) -> list[str]:
+    s = report.settings
+    text = [f"# {s.title}", ""]
+    if s.smoke_scale:
+        text += ["**Smoke-scale run.** Tiny models, tiny images and few steps on a CPU: it",
+                 "checks that every method trains and is evaluated the same way, and shows",
+                 "what this test set can resolve. It is not evidence about the methods at",
+                 "the papers' scale.", ""]
+    if s.command:
+        text += [f"Made by `{s.command}`.", ""]
+    return text + [f"Ran with {provenance_line(report.provenance)}", ""]
+
+
+def _method_text(report: CompareReport) -> str:
+    s = report.settings
+    text = (
+        f"Task `{report.task}`; {report.images} test images; seeds {report.seeds}; device "
+        f"{report.device}; training steps per student {report.steps or '—'}. Metrics are "
+        f"means over test images, then mean ± std over seeds (n = 1: one seed, no spread). "
+        f"Δ{s.primary}: the per-image difference to `{report.baseline}` (same seed, averaged "
+        f"over seeds) with a 95% percentile bootstrap interval over test images "
+        f"({BOOTSTRAP_SAMPLES:,} resamples).")
+    if report.pruned:
+        text += (" Kept %: a pruned model's parameters and GFLOPs as a percentage of the "
+                 "unpruned architecture it was pruned from.")
+    if s.latency_size:
+        text += (f" CPU ms: median of one forward pass of one {s.latency_size[0]}×"
+                 f"{s.latency_size[1]} input on this machine's CPU ({report.runtime}, "
+                 f"{report.threads} threads).")
+    return text
+
+
+def _verdict_text(report: CompareReport) -> list[str]:
+    s = report.settings
+    improved, worsened, unresolved = verdicts(report.intervals, s.better)
+    return [
+        f"- Better {s.primary} than `{report.baseline}` ({s.better} is better), interval "
+        f"excluding 0: {', '.join(improved) or 'none'}.",
+        f"- Worse {s.primary} than `{report.baseline}`, interval excluding 0: "
+        f"{', '.join(worsened) or 'none'}.",
+        f"- Not resolved by this test set (interval contains 0): "
+        f"{', '.join(unresolved) or 'none'}.",
+    ]
+
+
+def _figure_links(report: CompareReport) -> list[str]:
+    links = ["![metric bars and intervals](metrics.png)",
+             "![training curves: task loss and each run's total](curves.png)"]
+    if report.settings.examples:
+        links.append("![examples](examples.png)")
+    return [line for link in links for line in ("", link)]
+
+
+def render_markdown(report: CompareReport) -> str:
+    """results.md: title, provenance, method, table, verdicts, figure links."""
+    text = [*_preamble(report), _method_text(report), "", *render_table(report), "",
+            *_verdict_text(report), *_figure_links(report), ""]
+    return "\n".join(text)
+
+
+def write_csv(report: CompareReport, path: Path) -> None:
+    """results.csv: one row per model and seed, raw numbers."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "seed", *report.metric_names, "params", "gflops",
+                         "kept_params_pct", "kept_gflops_pct", "cpu_ms", "train_ms_per_step"])
+        for row in report.seed_rows:
+            cost = row.cost
+            optional = (cost.kept_params, cost.kept_gflops, cost.cpu_ms, row.train_ms_per_step)
+            writer.writerow([row.method, row.seed,
+                             *(f"{row.metrics[m]:.6g}" for m in report.metric_names),
+                             cost.params, f"{cost.gflops:.3f}",
+                             *("" if v is None else f"{v:.1f}" for v in optional)])
+
+
+# --- rendering: figures -----------------------------------------------------------------------
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure_bars(path: Path, report: CompareReport) -> None:
+    """metrics.png: the primary metric's mean per method, and each method's interval."""
+    s, intervals = report.settings, report.intervals
+    names = [row.method for row in report.rows]
+    improved, worsened, _ = verdicts(intervals, s.better)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 2))
     y = np.arange(len(names))
-    left.barh(y, means, color="#4878a8")
+    left.barh(y, [row.metrics[s.primary].mean for row in report.rows], color="#4878a8")
     left.set_yticks(y, names)
     left.invert_yaxis()
-    left.set_xlabel(f"mean {metric} ({better} is better)")
-    rows = [(i, n) for i, n in enumerate(names) if n in intervals]
-    for i, name in rows:
-        mean, lo, hi = intervals[name]
-        colour = "#2a7d2a" if name in improved else "#b23030" if name in worsened else "#777777"
-        right.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", color=colour,
-                       capsize=4)
+    left.set_xlabel(f"mean {_metric_header(report, s.primary)} ({s.better} is better)")
+    for i, name in enumerate(names):
+        if name in intervals:
+            mean, lo, hi = intervals[name]
+            colour = ("#2a7d2a" if name in improved else "#b23030" if name in worsened
+                      else "#777777")
+            right.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", color=colour,
+                           capsize=4)
     right.axvline(0, color="black", linewidth=0.8)
     right.set_yticks(y, names)
     right.set_ylim(left.get_ylim())
-    right.set_xlabel(f"{metric} − {baseline}, per image, 95% bootstrap interval")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    right.set_xlabel(f"{s.primary} − {report.baseline}, per image, 95% bootstrap interval")
+    _save(fig, path)
 
 
-def _figure_curves(path: Path, results: list[ModelResult]) -> None:
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for r in results:
+CURVES = {"task_loss": "task loss (the task's terms only: comparable)",
+          "total": "total loss (the run's own terms)"}
+
+
+def training_curves(results: list[ModelResult]) -> dict[str, dict[str, list[tuple]]]:
+    """``{log key: {method: [(step, value), ...]}}`` for each key of :data:`CURVES`, from
+    each student method's first seed that logged the key; a method whose logs lack it has
+    no curve for it (logs older than ``task_loss`` have only their total)."""
+    curves: dict[str, dict[str, list[tuple]]] = {key: {} for key in CURVES}
+    for r in sorted((r for r in results if not r.teacher), key=lambda r: r.seed):
         records = read_log(r.run_dir, "train")
-        if records and (r.seed == min(x.seed for x in results if x.name == r.name)):
-            ax.plot([x["step"] for x in records], [x["total"] for x in records],
-                    label=r.name, linewidth=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (total of the run's own terms)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        for key, by_method in curves.items():
+            points = [(x["step"], x[key]) for x in records if key in x]
+            if points and r.name not in by_method:
+                by_method[r.name] = points
+    return curves
+
+
+def figure_curves(path: Path, results: list[ModelResult]) -> None:
+    """curves.png: the task loss of each method beside the run's own total."""
+    curves = training_curves(results)
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(14, 5))
+    for ax, (key, label) in zip(axes, CURVES.items()):
+        for name, points in curves[key].items():
+            ax.plot(*zip(*points), label=name, linewidth=1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        if curves[key]:
+            ax.set_yscale("log")
+            ax.legend(fontsize=8, ncol=2)
+        else:
+            ax.text(0.5, 0.5, f"no {key} in these logs", ha="center", transform=ax.transAxes)
+    _save(fig, path)
 
 
 @torch.no_grad()
-def _figure_examples(path: Path, task, shown: dict[str, tuple[dict, str]], eval_set,
-                     device, count: int) -> None:
-    """A grid: one row per test image, the task's panels (input, truth, each model)."""
+def figure_examples(path: Path, task, shown: dict[str, tuple[dict, str]], eval_set,
+                    device, count: int) -> None:
+    """examples.png: one row per test image (``count`` ≥ 1), the task's panels (input,
+    truth, each model of ``shown``: label → (model spec, weights))."""
     models = {label: load_weights(build_model(task, spec), weights).to(device).eval()
               for label, (spec, weights) in shown.items()}
     rows = []
@@ -175,125 +572,45 @@ def _figure_examples(path: Path, task, shown: dict[str, tuple[dict, str]], eval_
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def _shown_models(report: CompareReport, results: list[ModelResult],
+                  teacher_weights: str) -> dict[str, tuple[dict, str]]:
+    """The examples' models: the teacher, the baseline and the best other student."""
+    s, baseline = report.settings, report.baseline
+    means = {row.method: row.metrics[s.primary].mean for row in report.rows}
+    students = [n for n in means if n not in ("teacher", baseline)]
+    pick = min if s.better == "lower" else max
+    teacher = next(r for r in results if r.teacher)
+    shown = {"teacher": (teacher.model_spec, teacher_weights)}
+    labels = [(baseline, baseline)]
+    if students:
+        best = pick(students, key=means.__getitem__)
+        labels.append((f"{best} (best)", best))
+    for label, name in labels:
+        result = next(r for r in results if r.name == name)
+        shown[label] = (result.model_spec, str(result.run_dir / WEIGHTS))
+    return shown
 
 
 def write_compare_report(config, task, results: list[ModelResult], teacher_weights: str,
                          eval_set, device) -> Path:
-    """Write results.csv, results.md, metrics.png, curves.png and examples.png into
-    ``<out_dir>/report`` and print the table; returns the folder."""
-    primary, direction = getattr(task, "primary_metric", (None, "lower"))
-    settings = {"primary": primary, "better": direction, "examples": 4,
-                "flops_size": [320, 320], "latency_size": [512, 512], "columns": None,
-                "smoke_scale": False,
-                "title": "Knowledge distillation comparison", "command": None, **config.report}
-    metric_names = settings["columns"] or list(results[0].per_image[0])
-    metric, better = settings["primary"] or metric_names[0], settings["better"]
-    if metric not in results[0].per_image[0]:
-        raise ValueError(f"report.primary {metric!r} is not a metric of this task; its "
-                         f"metrics: {', '.join(results[0].per_image[0])}")
-    if better not in ("lower", "higher"):
-        raise ValueError(f"report.better must be 'lower' or 'higher', got {better!r}")
+    """Write results.csv, results.md, metrics.png, curves.png and (unless
+    ``report.examples: 0``) examples.png into ``<out_dir>/report`` and print the table;
+    returns the folder."""
+    settings = report_settings(config.report, task)
+    report = build_report(config, task, results, settings, len(eval_set), device)
     out = Path(config.out_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    names = list(dict.fromkeys(r.name for r in results))
-    costs = {}
-    for r in results:
-        key = json.dumps(r.model_spec, sort_keys=True)
-        if key not in costs:
-            latency_size = settings["latency_size"]
-            costs[key] = _model_cost(task, r.model_spec, tuple(settings["flops_size"]),
-                                     tuple(latency_size) if latency_size else None)
-    runtime = next(iter(costs.values()))[3]
-
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "seed", *metric_names, "params", "gflops",
-                         "cpu_ms", "train_ms_per_step"])
-        for r in results:
-            ms = _ms_per_step(r.run_dir)
-            params, gflops, latency, _ = costs[json.dumps(r.model_spec, sort_keys=True)]
-            writer.writerow([r.name, r.seed, *(f"{r.mean(m):.6g}" for m in metric_names),
-                             params, f"{gflops:.3f}", "" if latency is None else f"{latency:.1f}",
-                             "" if ms is None else f"{ms:.1f}"])
-
-    paired = _paired(results, config.baseline, metric)
-    intervals = {name: (float(d.mean()), *bootstrap_interval(d)) for name, d in paired.items()}
-    latency_size = settings["latency_size"]
-    header = ["method", *metric_names, "params", f"GFLOPs @{settings['flops_size'][0]}²",
-              *([f"CPU ms @{latency_size[0]}²"] if latency_size else []),
-              "train ms/step", f"Δ{metric} vs {config.baseline} [95% CI]"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    means = []
-    for name in names:
-        group = [r for r in results if r.name == name]
-        cells = [_fmt(*_mean_std([r.mean(m) for r in group])) for m in metric_names]
-        params, gflops, latency, _ = costs[json.dumps(group[0].model_spec, sort_keys=True)]
-        ms = [t for t in (_ms_per_step(r.run_dir) for r in group) if t is not None]
-        interval = intervals.get(name)
-        delta = (f"{interval[0]:+.4g} [{interval[1]:+.4g}, {interval[2]:+.4g}]"
-                 if interval else "—")
-        lines.append("| " + " | ".join([name, *cells, f"{params:,}", f"{gflops:.2f}",
-                                        *([f"{latency:.0f}"] if latency_size else []),
-                                        f"{statistics.median(ms):.0f}" if ms else "—",
-                                        delta]) + " |")
-        means.append(statistics.fmean(r.mean(metric) for r in group))
-    improved, worsened, unresolved = verdicts(intervals, better)
-    steps = {r.name: records[-1]["step"] for r in results
-             if (records := read_log(r.run_dir, "train"))}
-    text = [f"# {settings['title']}", ""]
-    if settings["smoke_scale"]:
-        text += ["**Smoke-scale run.** Tiny models, tiny images and few steps on a CPU: it",
-                 "checks that every method trains and is evaluated the same way, and shows",
-                 "what this test set can resolve. It is not evidence about the methods at",
-                 "the papers' scale.", ""]
-    if settings["command"]:
-        text += [f"Made by `{settings['command']}`.", ""]
-    text += [
-        f"Task `{config.task}`; {len(eval_set)} test images; seeds {config.seeds}; "
-        f"device {device}; training steps per student "
-        f"{sorted(set(v for k, v in steps.items() if k != 'teacher')) or '—'}.",
-        f"Metrics are means over test images, then mean ± std over seeds. Δ{metric}: the "
-        f"per-image difference to `{config.baseline}` (same seed, averaged over seeds) with "
-        f"a 95% percentile bootstrap interval over test images ({BOOTSTRAP_SAMPLES:,} "
-        "resamples)."
-        + (f" CPU ms: median of one forward pass of one {latency_size[0]}×{latency_size[1]} "
-           f"input on this machine's CPU ({runtime}, {torch.get_num_threads()} threads)."
-           if latency_size else ""),
-        "",
-        *lines,
-        "",
-        f"- Better {metric} than `{config.baseline}` ({better} is better), interval "
-        f"excluding 0: {', '.join(improved) or 'none'}.",
-        f"- Worse {metric} than `{config.baseline}`, interval excluding 0: "
-        f"{', '.join(worsened) or 'none'}.",
-        f"- Not resolved by this test set (interval contains 0): "
-        f"{', '.join(unresolved) or 'none'}.",
-        "",
-        "![metric bars and intervals](metrics.png)",
-        "",
-        "![training curves](curves.png)",
-        "",
-        "![examples](examples.png)",
-        "",
-    ]
-    (out / "results.md").write_text("\n".join(text))
-    _figure_bars(out / "metrics.png", names, means, intervals, metric, config.baseline, better)
-    _figure_curves(out / "curves.png", [r for r in results if not r.teacher])
-    students = [n for n in names if n not in ("teacher", config.baseline)]
-    pick = min if better == "lower" else max
-    best = pick(students, key=lambda n: means[names.index(n)]) if students else None
-    teacher = next(r for r in results if r.teacher)
-    shown = {"teacher": (teacher.model_spec, teacher_weights)}
-    for label, name in ((config.baseline, config.baseline), (f"{best} (best)", best)):
-        if name:
-            result = next(r for r in results if r.name == name)
-            shown[label] = (result.model_spec, str(result.run_dir / "model.pt"))
-    _figure_examples(out / "examples.png", task, shown, eval_set, device,
-                     settings["examples"])
-    print("\n".join(lines))
+    write_csv(report, out / "results.csv")
+    (out / "results.md").write_text(render_markdown(report))
+    figure_bars(out / "metrics.png", report)
+    figure_curves(out / "curves.png", results)
+    if settings.examples:
+        figure_examples(out / "examples.png", task,
+                        _shown_models(report, results, teacher_weights), eval_set, device,
+                        settings.examples)
+    print("\n".join(render_table(report)))
     print(f"\nreport: {out / 'results.md'}")
     return out
-

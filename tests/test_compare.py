@@ -1,14 +1,18 @@
 """A two-method, one-seed, few-step comparison on the CPU writes every report file."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
 import yaml
+from toy_task import ToyData, ToyNet, ToyTask
 
+from kdkit import compare
+from kdkit.checkpoint import save_atomic
 from kdkit.cli import main
 from kdkit.compare import load_compare_config, method_runs
-from kdkit.config import ConfigError
+from kdkit.config import ConfigError, run_config_from_mapping
 from kdkit.report import bootstrap_interval
 
 NARROW = {"name": "dim", "encoder_channels": [[4], [8], [8], [16], [16]],
@@ -85,6 +89,33 @@ def test_bad_compare_configs_are_explained(tmp_path):
         load_compare_config(compare_config(tmp_path, baseline="plain"))
     with pytest.raises(ConfigError, match="unknown methods"):
         load_compare_config(compare_config(tmp_path, only=["student", "fitnet"]))
+    with pytest.raises(ConfigError, match="report.examples"):  # at load, not after training
+        load_compare_config(compare_config(tmp_path, report={"examples": -1}))
+
+
+def test_cached_per_image_metrics_are_keyed_on_what_produced_them(tmp_path, monkeypatch):
+    evaluations = []
+    monkeypatch.setattr(compare, "per_image_metrics", lambda *args: evaluations.append(
+        len(args[2])) or [{"mse": float(i)} for i in range(len(args[2]))])
+    run = run_config_from_mapping({"task": "toy_task:ToyTask", "model": {"width": 4},
+                                   "out_dir": str(tmp_path / "run")})
+    weights, cache = tmp_path / "model.pt", tmp_path / "per_image.json"
+    save_atomic({"model": ToyNet(4).state_dict()}, weights)
+    task = ToyTask()
+
+    def evaluate(length):
+        data = ToyData(length, 8, 1000, [])
+        return compare._evaluate_cached(task, run.model, weights, run, {"length": length},
+                                        "cpu", data, cache)
+
+    assert len(evaluate(3)) == 3 and len(evaluate(3)) == 3 and evaluations == [3]
+    assert len(evaluate(6)) == 6 and evaluations == [3, 6]  # the data changed
+    save_atomic({"model": ToyNet(4).state_dict()}, weights)  # new weights
+    evaluate(6)
+    task.metrics_version = 2  # the task's metrics changed
+    evaluate(6)
+    assert evaluations == [3, 6, 6, 6]
+    assert json.loads(cache.read_text())["key"]["metrics_version"]["task"] == 2
 
 
 def test_bootstrap_interval():
@@ -131,4 +162,8 @@ def test_pruning_methods_sparsify_prune_and_retrain_inside_compare(tmp_path):
     assert int(rows["dcp"]["params"]) == summary["parameters"]["after"]
     assert rows["dcp-inherit"]["params"] == rows["dcp"]["params"]
     assert rows["dcp-inherit"]["SAD"] != rows["dcp"]["SAD"]  # inherited ≠ re-initialised
+    kept = 100 * summary["parameters"]["after"] / summary["parameters"]["before"]
+    assert float(rows["dcp"]["kept_params_pct"]) == pytest.approx(kept, abs=0.05)
+    assert rows["student"]["kept_params_pct"] == ""
+    assert "kept % params" in (tmp_path / "cmp" / "report" / "results.md").read_text()
     assert summary["parameters"]["after"] < summary["parameters"]["before"]
