@@ -4,10 +4,10 @@ The DCP recipe (``docs/methods.md``): (1) *sparsify*: train a full-width student
 distillation loss plus an L1 penalty on BatchNorm ``γ`` (:func:`prepare_for_sparsity`,
 :func:`bn_l1_penalty`); (2) *prune*: rank ``|γ|`` globally within each part of the network
 (encoder, decoder) and remove the lowest fraction of each, coupled channels together
-(:func:`prune_channels` with :class:`BNScaleImportance`); (3) *retrain* the pruned
-architecture with distillation. The pruned model is physically smaller; it saves as its
-channel configuration plus weights (:func:`save_pruned`) and loads without Torch-Pruning
-(:func:`load_pruned`).
+(:func:`prune_channels` with :func:`dcp_importance`, Torch-Pruning's own BN-scale score);
+(3) *retrain* the pruned architecture with distillation. The pruned model is physically
+smaller; it saves as its channel configuration plus weights (:func:`save_pruned`) and
+loads without Torch-Pruning (:func:`load_pruned`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdkit.errors import CheckpointError, ConfigError
+
 __all__ = [
-    "BNScaleImportance",
+    "dcp_importance",
     "prepare_for_sparsity",
     "bn_l1_penalty",
     "prune_channels",
@@ -34,27 +36,15 @@ __all__ = [
 _BN = nn.modules.batchnorm._BatchNorm
 
 
-class BNScaleImportance(tp.importance.Importance):
-    """A Torch-Pruning importance: each channel of a group scores the mean ``|γ|`` of the
-    group's BatchNorms at that channel, unnormalised, so that scores of different groups
-    compare directly (the global ranking of network slimming and DCP). After a sparsity
-    training driven by a distillation loss, this is DCP's distillation-based score.
-
-    ``group → 1-D tensor`` with one score per channel in the group's indices."""
-
-    @torch.no_grad()
-    def __call__(self, group) -> torch.Tensor:
-        scores = []
-        for dependency, indices in group:
-            layer = dependency.target.module
-            function = dependency.handler
-            if isinstance(layer, _BN) and layer.affine and function in (
-                tp.prune_batchnorm_out_channels,
-            ):
-                scores.append(layer.weight.detach().abs()[list(indices)])
-        if not scores:
-            return None  # Torch-Pruning skips groups with no score
-        return torch.stack(scores).mean(dim=0)
+def dcp_importance() -> tp.importance.Importance:
+    """DCP's channel score, Torch-Pruning's ``BNScaleImportance(normalizer=None)``: each
+    channel of a group scores the mean ``|γ|`` of the group's BatchNorms at that channel
+    (``group_reduction="mean"``), unnormalised, so that scores of different groups compare
+    directly (the global ranking of network slimming and DCP; Torch-Pruning's default
+    ``normalizer="mean"`` divides each group by its own mean and ranks differently). After
+    a sparsity training driven by a distillation loss, this is DCP's distillation-based
+    score. ``group → 1-D tensor``, one score per channel of the group."""
+    return tp.importance.BNScaleImportance(group_reduction="mean", normalizer=None)
 
 
 def prepare_for_sparsity(model: nn.Module, gamma: float = 0.5) -> None:
@@ -80,11 +70,11 @@ def bn_l1_penalty(model: nn.Module, weights: dict[str, float]) -> torch.Tensor:
     for prefix, weight in weights.items():
         modules = _bn_modules(model, [prefix])
         if not modules:
-            raise ValueError(f"no BatchNorm module name starts with {prefix!r}")
+            raise ConfigError(f"no BatchNorm module name starts with {prefix!r}")
         part = sum(m.weight.abs().sum() for _, m in modules) * weight
         total = part if total is None else total + part
     if total is None:
-        raise ValueError("bn_l1_penalty needs at least one prefix → weight")
+        raise ConfigError("bn_l1_penalty needs at least one prefix → weight")
     return total
 
 
@@ -102,15 +92,15 @@ def prune_channels(
     integer indices of max-unpooling) provides ``pruning_forward(*inputs)``, the same
     computation with that coupling made visible, which is used for tracing. ``ignored``
     layers (e.g. the output convolution) keep their output channels."""
-    importance = importance or BNScaleImportance()
+    importance = importance or dcp_importance()
     scopes = {}
     for prefix, fraction in fractions.items():
         if not 0 <= fraction < 1:
-            raise ValueError(f"fraction for {prefix!r} must be in [0, 1), got {fraction}")
+            raise ConfigError(f"fraction for {prefix!r} must be in [0, 1), got {fraction}")
         layers = tuple(m for n, m in model.named_modules()
                        if n.startswith(prefix) and isinstance(m, (nn.modules.conv._ConvNd, _BN)))
         if not layers:
-            raise ValueError(f"no conv or BatchNorm module name starts with {prefix!r}")
+            raise ConfigError(f"no conv or BatchNorm module name starts with {prefix!r}")
         scopes[layers] = fraction  # one ranking scope per part (Torch-Pruning's tuple keys)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     tracing = getattr(model, "pruning_forward", None)
@@ -181,13 +171,13 @@ def load_pruned(build: Callable[[], nn.Module] | nn.Module, path: str | Path) ->
     the saved channel configuration, then its weights. No pruning code runs."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or "channels" not in payload:
-        raise ValueError(f"{path} is not a pruned model (no channel configuration); save it "
+        raise CheckpointError(f"{path} is not a pruned model (no channel configuration); save it "
                          "with kdkit.pruning.save_pruned")
     model = build() if callable(build) and not isinstance(build, nn.Module) else build
     named = dict(model.named_modules())
     unknown = [name for name in payload["channels"] if name not in named]
     if unknown:
-        raise ValueError(f"{path} has layers this architecture lacks: {unknown[:5]}")
+        raise CheckpointError(f"{path} has layers this architecture lacks: {unknown[:5]}")
     for name, shape in payload["channels"].items():
         _resize(named[name], shape)
     model.load_state_dict(payload["model"])

@@ -4,13 +4,14 @@
 import pytest
 import timm
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from kdkit.pruning import (
-    BNScaleImportance,
     bn_l1_penalty,
     channel_config,
     count_parameters_and_flops,
+    dcp_importance,
     load_pruned,
     prepare_for_sparsity,
     prune_channels,
@@ -131,12 +132,65 @@ def test_sparsity_preparation_and_penalty():
         bn_l1_penalty(model, {"encoder": 1.0})
 
 
-def test_importance_is_the_group_mean_absolute_gamma():
-    import torch_pruning as tp
+class ResidualAndPlain(nn.Module):
+    """A residual group (the stem's BN and the block's last BN, added) and a plain group
+    (the block's middle conv-BN), four channels each, for planted γ."""
 
-    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1))
-    with torch.no_grad():
-        model[1].weight.copy_(torch.tensor([0.5, -2.0, 0.1, 1.0]))
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 2, 3, 3))
-    group = graph.get_pruning_group(model[0], tp.prune_conv_out_channels, idxs=[0, 1, 2, 3])
-    torch.testing.assert_close(BNScaleImportance()(group), torch.tensor([0.5, 2.0, 0.1, 1.0]))
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        self.mid = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.out = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        return self.head(torch.relu(s + self.out(self.mid(s))))
+
+
+def planted(stem, mid, out):
+    model = ResidualAndPlain().eval()
+    for bn, gamma in ((model.stem[1], stem), (model.mid[1], mid), (model.out[1], out)):
+        with torch.no_grad():
+            bn.weight.copy_(torch.tensor(gamma))
+    return model
+
+
+# residual group: mean |γ| = [2.0, 0.3, 3.0, 2.0] (sum 4, 0.6, 6, 4; max 3, 0.4, 4, 3);
+# plain group: [0.25, 0.35, 3.0, 6.0]
+GAMMAS = dict(stem=[1.0, -0.2, 2.0, 3.0], mid=[0.25, 0.35, -3.0, 6.0], out=[3.0, 0.4, 4.0, 1.0])
+
+
+def test_dcp_ranks_the_group_mean_abs_gamma_globally_and_unnormalised():
+    model = planted(**GAMMAS)
+    prune_channels(model, torch.randn(1, 3, 4, 4), {"": 0.25}, ignored=[model.head])
+    # the 2 lowest of all 8 scores: plain 0 (0.25) and residual 1 (0.3)
+    assert model.stem[1].weight.tolist() == [1.0, 2.0, 3.0]
+    assert model.out[1].weight.tolist() == [3.0, 4.0, 1.0]
+    torch.testing.assert_close(model.mid[1].weight, torch.tensor([0.35, -3.0, 6.0]))
+    assert model(torch.randn(1, 3, 4, 4)).shape == (1, 2, 4, 4)
+
+
+@pytest.mark.parametrize("other", [
+    dict(normalizer="mean"),  # Torch-Pruning's default: each group divided by its mean
+    dict(normalizer=None, group_reduction="sum"),
+    dict(normalizer=None, group_reduction="max"),
+])
+def test_the_planted_gammas_tell_other_scores_apart(other):
+    model = planted(**GAMMAS)
+    importance = tp.importance.BNScaleImportance(**other)
+    prune_channels(model, torch.randn(1, 3, 4, 4), {"": 0.25}, ignored=[model.head],
+                   importance=importance)
+    # these remove plain 0 and 1 instead: the test above pins DCP's score, not any |γ| score
+    assert model.stem[1].weight.shape == (4,) and model.mid[1].num_features == 2
+
+
+def test_importance_is_the_group_mean_absolute_gamma():
+    model = planted(**GAMMAS)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 2, 2))
+    residual = graph.get_pruning_group(model.stem[0], tp.prune_conv_out_channels,
+                                       idxs=[0, 1, 2, 3])
+    plain = graph.get_pruning_group(model.mid[0], tp.prune_conv_out_channels,
+                                    idxs=[0, 1, 2, 3])
+    torch.testing.assert_close(dcp_importance()(residual), torch.tensor([2.0, 0.3, 3.0, 2.0]))
+    torch.testing.assert_close(dcp_importance()(plain), torch.tensor([0.25, 0.35, 3.0, 6.0]))
