@@ -10,8 +10,9 @@
 
 The sparsify run is trained unless it already finished; the pruned model is saved with
 :func:`kdkit.pruning.save_pruned` beside a JSON summary (parameters and FLOPs before and
-after, per-layer widths). Retrain it with ``kdkit train`` and ``model: {pruned: PATH,
-reinit: true|false, ...}``.
+after, per-layer widths, and :func:`kdkit.provenance.provenance`: the kdkit commit and
+library versions). Retrain it with ``kdkit train`` and ``model: {pruned: PATH, reinit:
+true|false, ...}``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from kdkit.checkpoint import load_weights
 from kdkit.config import from_mapping, load_yaml, run_config_from_mapping
+from kdkit.provenance import provenance
 from kdkit.pruning import channel_config, count_parameters_and_flops, prune_channels, save_pruned
 from kdkit.task import Task
 from kdkit.train import build_model, train
@@ -72,6 +74,7 @@ def prune_run(spec: dict[str, Any], task: Task, base_dir: Path = Path("."),
         "gflops": {"before": before[1] / 1e9, "after": after[1] / 1e9,
                    "input_size": config.input_size},
         "channels": channel_config(model),
+        "provenance": provenance(),
     }
     output.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"pruned {run.out_dir}: {before[0]:,} → {after[0]:,} parameters, "

@@ -1,10 +1,16 @@
 import csv
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
 from kdkit import bench
 from kdkit.cli import main
+from kdkit.kernels import resources
+from kdkit.provenance import provenance_line
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_case_accounting_by_hand():
@@ -56,7 +62,7 @@ def test_bench_command_writes_table_and_csv(tmp_path, capsys):
     assert main(argv) == 0
     table = (tmp_path / "kernels-cpu.md").read_text()
     assert "| 320² conv2 spatial | factored | fp64 |" in table
-    assert "copy" in table and "torch " in table
+    assert "copy" in table and provenance_line() in table
     with open(tmp_path / "kernels-cpu.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["case"], r["backend"]) for r in rows] == [
@@ -69,3 +75,19 @@ def test_bench_command_writes_table_and_csv(tmp_path, capsys):
     assert float(factored["gradient_mb"]) == pytest.approx(64 * 6400 * 4 / 2**20)
     assert 0 <= float(factored["memory_percent_of_reference"]) < 100
     assert "wrote" in capsys.readouterr().out
+
+
+def _precision_script():
+    spec = importlib.util.spec_from_file_location("precision", ROOT / "benchmarks/precision.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_benchmark_table_names_the_commit_and_the_library_versions():
+    line = provenance_line()
+    assert line.startswith("kdkit ") and all(f"{name} " in line
+                                             for name in ("torch", "Triton", "timm"))
+    precision = _precision_script().report_lines(torch.device("cpu"), (1, 2, 3, 3), [])
+    assert line in "\n".join(precision)
+    assert line in resources.markdown([], "python -m kdkit.kernels.resources")

@@ -9,6 +9,7 @@ from torch import nn
 
 from kdkit.checkpoint import load_checkpoint
 from kdkit.cli import main
+from kdkit.provenance import provenance
 from kdkit.pruning import load_pruned
 from kdkit.task import load_task
 from kdkit.train import build_model
@@ -51,6 +52,7 @@ def test_sparsify_prune_retrain(tmp_path):
     summary = json.loads((tmp_path / "pruned.json").read_text())
     assert summary["parameters"]["after"] < 0.6 * summary["parameters"]["before"]
     assert summary["gflops"]["after"] < summary["gflops"]["before"]
+    assert summary["provenance"] == provenance()  # the commit and versions it ran with
 
     task = load_task("matting")
     pruned_spec = {**WIDE, "pruned": str(tmp_path / "pruned.pt")}
