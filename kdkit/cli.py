@@ -1,10 +1,24 @@
-"""The ``kdkit`` command line."""
+"""The ``kdkit`` command line.
+
+A :class:`~kdkit.errors.KdkitError` (a bad config, data, checkpoint or run folder; a run
+that failed) prints one line, ``kdkit COMMAND: message``, on stderr and exits with
+:data:`EXIT_BAD_INPUT` (2, as argparse's usage errors) or :data:`EXIT_RUN_FAILED` (1, for
+:data:`RUN_FAILURES`); ``--debug`` shows its traceback instead. Any other exception is a
+bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from kdkit.errors import KdkitError, KernelFailure, NonFiniteLossError
+
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
+#: Errors of a run that started from valid inputs and then failed; the rest are bad inputs.
+RUN_FAILURES = (NonFiniteLossError, KernelFailure)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -53,12 +67,20 @@ def _run_config(args: argparse.Namespace):
     return load_run_config(args.config, overrides)
 
 
+def _print_metrics(metrics: dict[str, float]) -> None:
+    for name, value in metrics.items():
+        print(f"{name:>8}: {value:.6g}")
+
+
 def _train(args: argparse.Namespace) -> int:
     from kdkit.task import load_task
     from kdkit.train import train
 
     run = _run_config(args)
-    train(run, load_task(run.task), resume=not args.no_resume, progress=not args.quiet)
+    metrics = train(run, load_task(run.task), resume=not args.no_resume,
+                    progress=not args.quiet)
+    if args.quiet:  # with progress on, train() has printed them
+        _print_metrics(metrics)
     return 0
 
 
@@ -79,18 +101,16 @@ def _eval(args: argparse.Namespace) -> int:
 
     run, task, model, device = _load_trained(args)
     _, eval_set = task.datasets(run.data)
-    metrics = evaluate(task, model, eval_set, run, device, progress=not args.quiet)
-    for name, value in metrics.items():
-        print(f"{name:>8}: {value:.6g}")
+    _print_metrics(evaluate(task, model, eval_set, run, device, progress=not args.quiet))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from kdkit.errors import ConfigError
+
     run, task, model, device = _load_trained(args)
     if not hasattr(task, "predict"):
-        print(f"kdkit predict: the task {run.task!r} does not implement predict",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"the task {run.task!r} does not implement predict")
     written = task.predict(model, args.image, args.guide, args.output, run.data, device)
     print(f"wrote {len(written)} prediction(s) to {args.output}")
     return 0
@@ -130,11 +150,31 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
+    from kdkit.data import empty_output_folder
     from kdkit.task import load_task
 
-    folder = load_task(args.task).write_synthetic(args.out, args.n, args.size, args.seed)
+    task = load_task(args.task)
+    out = empty_output_folder(args.out, args.overwrite)
+    folder = task.write_synthetic(str(out), args.n, args.size, args.seed)
     print(f"wrote {args.n} samples and a contact sheet to {folder}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {value}")
+    return value
+
+
+def _debug_flag() -> argparse.ArgumentParser:
+    """A parent parser with ``--debug``, for ``kdkit`` and each command, so it is accepted
+    before and after the command (no default: a command's copy leaves ``kdkit --debug``'s
+    value alone; ``kdkit`` itself defaults it to False)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of one line")
+    return parent
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser, checkpoint: bool) -> None:
@@ -147,13 +187,18 @@ def _add_run_arguments(parser: argparse.ArgumentParser, checkpoint: bool) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kdkit.task import registered_tasks
+
     parser = argparse.ArgumentParser(
-        prog="kdkit", description="Knowledge distillation for dense prediction."
+        prog="kdkit", description="Knowledge distillation for dense prediction.",
+        parents=[_debug_flag()],  # its own copy: set_defaults changes the action it holds
     )
+    parser.set_defaults(debug=False)
+    debug = _debug_flag()
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
-        "demo", help="distil a small timm student from a timm teacher on generated data"
-    )
+        "demo", help="distil a small timm student from a timm teacher on generated data",
+        parents=[debug])
     demo.add_argument(
         "--steps", type=int, default=120, help="training steps per student (teacher: twice)"
     )
@@ -178,27 +223,32 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--out", default="docs/benchmarks", help="report folder")
     kernels.set_defaults(run=_bench_kernels)
 
-    train = commands.add_parser("train", help="train (or distil) a model from a run config")
+    train = commands.add_parser("train", help="train (or distil) a model from a run config",
+                                parents=[debug])
     _add_run_arguments(train, checkpoint=False)
     train.add_argument("--out", help="output folder (overrides out_dir)")
     train.add_argument("--no-resume", action="store_true",
-                       help="start afresh even if the output folder holds a checkpoint")
+                       help="start over: delete this run folder's checkpoint, weights and log "
+                            "first (needed when the config changed in more than the safe keys)")
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("eval", help="evaluate trained weights on the test set")
+    evaluate = commands.add_parser("eval", help="evaluate trained weights on the test set",
+                                   parents=[debug])
     _add_run_arguments(evaluate, checkpoint=True)
     evaluate.set_defaults(run=_eval)
 
-    predict = commands.add_parser("predict", help="predict with trained weights")
+    predict = commands.add_parser("predict", help="predict with trained weights",
+                                  parents=[debug])
     _add_run_arguments(predict, checkpoint=True)
     predict.add_argument("--image", required=True, help="an image file or a folder of them")
-    predict.add_argument("--guide", "--trimap", dest="guide",
+    predict.add_argument("--guide",
                          help="per-image guides for tasks that take them (matting: a trimap "
                               "file, or a folder of them with the images' names)")
     predict.add_argument("--output", required=True, help="folder for the predictions")
     predict.set_defaults(run=_predict)
 
-    export = commands.add_parser("export", help="write trained weights as an ONNX model")
+    export = commands.add_parser("export", help="write trained weights as an ONNX model",
+                                 parents=[debug])
     _add_run_arguments(export, checkpoint=True)
     export.add_argument("--output", required=True, help="the .onnx file to write")
     export.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
@@ -206,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     compare = commands.add_parser(
-        "compare", help="train and evaluate every method of a comparison, write a report")
+        "compare", help="train and evaluate every method of a comparison, write a report",
+        parents=[debug])
     compare.add_argument("config", help="compare config (YAML)")
     compare.add_argument("--set", nargs="+", metavar="KEY=VALUE",
                          help="override config values, e.g. base.train.steps=50 seeds=[0,1]")
@@ -218,28 +269,51 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(run=_compare)
 
     prune = commands.add_parser(
-        "prune", help="DCP: sparsify (train) a student, prune its channels, save it")
+        "prune", help="DCP: sparsify (train) a student, prune its channels, save it",
+        parents=[debug])
     prune.add_argument("config", help="prune config (YAML)")
     prune.add_argument("--quiet", action="store_true", help="no progress bars")
     prune.set_defaults(run=_prune)
 
     data = commands.add_parser("data", help="data tools")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    synth = data_commands.add_parser("synth", help="write a synthetic dataset as PNG folders")
-    synth.add_argument("--task", default="matting")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--n", type=int, default=200)
-    synth.add_argument("--size", type=int, default=512)
-    synth.add_argument("--seed", type=int, default=0)
+    synth = data_commands.add_parser("synth", help="write a synthetic dataset as PNG folders",
+                                     parents=[debug])
+    synth.add_argument("--task", required=True,
+                       help="the task whose data to generate: "
+                            f"{', '.join(sorted(registered_tasks())) or 'none registered'}, "
+                            "or a dotted path module:Class")
+    synth.add_argument("--out", required=True,
+                       help="the folder to write (image/, its companions, contact_sheet.png); "
+                            "must be empty or new, unless --overwrite")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="delete the samples already in --out first")
+    synth.add_argument("--n", type=_positive_int, default=200, help="number of samples")
+    synth.add_argument("--size", type=_positive_int, default=512,
+                       help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0,
+                       help="seed of the first sample (sample i uses seed + i)")
     synth.set_defaults(run=_data_synth)
     return parser
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """``kdkit train``, ``kdkit data synth``, … for the one-line error."""
+    words = (args.command, getattr(args, "target", None), getattr(args, "data_command", None))
+    return " ".join(["kdkit", *filter(None, words)])
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KdkitError as error:
+        if args.debug:
+            raise
+        print(f"{_command_name(args)}: {error}", file=sys.stderr)
+        return EXIT_RUN_FAILED if isinstance(error, RUN_FAILURES) else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

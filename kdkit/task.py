@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from kdkit.errors import ConfigError
+
 __all__ = ["Task", "load_task", "registered_tasks"]
 
 ENTRY_POINT_GROUP = "kdkit.tasks"
@@ -78,13 +80,14 @@ def registered_tasks() -> dict[str, str]:
 
 
 def load_task(name: str) -> Task:
-    """Instantiate the task ``name`` (a registered short name or ``module:Class``)."""
+    """Instantiate the task ``name`` (a registered short name or ``module:Class``); an
+    unknown or unloadable one is a :class:`~kdkit.errors.ConfigError`."""
     target = registered_tasks().get(name, name)
     if ":" not in target:
         known = registered_tasks()
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown task {name!r}.{hint} Registered tasks: {', '.join(known) or 'none'}; "
             "or give a dotted path such as 'my_package.task:MyTask'"
         )
@@ -93,4 +96,4 @@ def load_task(name: str) -> Task:
         module = importlib.import_module(module_name)
         return getattr(module, attribute)()
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"could not load task {name!r} from {target!r}: {error}") from None
+        raise ConfigError(f"could not load task {name!r} from {target!r}: {error}") from None

@@ -57,10 +57,11 @@ def test_train_resume_eval_predict(tmp_path, capsys):
     assert f"SAD: {final['SAD']:.6g}" in printed
 
     folder = tmp_path / "synth"
-    assert main(["data", "synth", "--out", str(folder), "--n", "2", "--size", "64"]) == 0
+    assert main(["data", "synth", "--task", "matting", "--out", str(folder), "--n", "2",
+                 "--size", "64"]) == 0
     out = tmp_path / "pred"
     assert main(["predict", config, "--checkpoint", str(run_dir / "model.pt"),
-                 "--image", str(folder / "image"), "--trimap", str(folder / "trimap"),
+                 "--image", str(folder / "image"), "--guide", str(folder / "trimap"),
                  "--output", str(out)]) == 0
     written = sorted(out.glob("*.png"))
     assert [p.name for p in written] == ["00000.png", "00001.png"]
@@ -80,12 +81,12 @@ def test_predict_on_a_real_photo_with_its_own_trimap_convention(tmp_path):
 
     torch.save({"model": task.build_model(run.model).state_dict()}, weights)
     out = tmp_path / "pred"
-    with pytest.raises(ValueError, match="unknown_value=102"):
-        main(["predict", config, "--checkpoint", str(weights), "--image",
-              str(LEMUR / "lemur.png"), "--trimap", str(LEMUR / "lemur_trimap.png"),
+    with pytest.raises(ValueError, match="--set data.unknown_value=102"):
+        main(["--debug", "predict", config, "--checkpoint", str(weights), "--image",
+              str(LEMUR / "lemur.png"), "--guide", str(LEMUR / "lemur_trimap.png"),
               "--output", str(out)])
     assert main(["predict", config, "--set", "data.unknown_value=102", "--checkpoint",
-                 str(weights), "--image", str(LEMUR / "lemur.png"), "--trimap",
+                 str(weights), "--image", str(LEMUR / "lemur.png"), "--guide",
                  str(LEMUR / "lemur_trimap.png"), "--output", str(out)]) == 0
     alpha = cv2.imread(str(out / "lemur.png"), cv2.IMREAD_UNCHANGED)
     assert alpha.shape == (440, 680)
@@ -130,6 +131,6 @@ def test_config_errors_are_clear(tmp_path):
     bad = {**TINY, "loss": {"alpha": 1.0, "composite": 0.5}}
     config = write_config(tmp_path / "bad.yaml", bad)
     with pytest.raises(ValueError, match="unknown key 'composite'.*'composition'"):
-        main(["train", config, "--out", str(tmp_path / "x"), "--quiet"])
+        main(["--debug", "train", config, "--out", str(tmp_path / "x"), "--quiet"])
     with pytest.raises(ValueError, match="unknown task 'mating'.*'matting'"):
         load_task("mating")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .folders import (
     StemFolders,
+    empty_output_folder,
     index_folder,
     index_images,
     match_stems,
@@ -13,16 +14,18 @@ from .folders import (
     source_files,
     source_pairs,
 )
-from .images import IMAGE_SUFFIXES, imread, read_image, write_gray, write_image
+from .images import IMAGE_SUFFIXES, MissingFileError, imread, read_image, write_gray, write_image
 from .preview import contact_sheet
 from .seeded import SPLIT_SEED_OFFSETS, SeededDataset, split_seed
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "SPLIT_SEED_OFFSETS",
+    "MissingFileError",
     "SeededDataset",
     "StemFolders",
     "contact_sheet",
+    "empty_output_folder",
     "imread",
     "index_folder",
     "index_images",

@@ -1,8 +1,8 @@
 """Reading and writing image files.
 
 Every read goes through :func:`imread`, which names the file in its error when it is
-missing or cannot be decoded. Colour images come back as RGB (OpenCV reads BGR);
-single-channel maps come back as ``H×W``.
+missing (:class:`MissingFileError`) or cannot be decoded (:class:`~kdkit.errors.DataError`).
+Colour images come back as RGB (OpenCV reads BGR); single-channel maps come back as ``H×W``.
 """
 
 from __future__ import annotations
@@ -12,19 +12,26 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "imread", "read_image", "write_gray", "write_image"]
+from kdkit.errors import DataError
+
+__all__ = ["IMAGE_SUFFIXES", "MissingFileError", "imread", "read_image", "write_gray",
+           "write_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class MissingFileError(DataError, FileNotFoundError):
+    """A data file or folder that does not exist (a :class:`FileNotFoundError` too)."""
 
 
 def imread(path: str | Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
     """``cv2.imread(path, flags)``, raising instead of returning ``None``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist; check the dataset layout")
+        raise MissingFileError(f"image file {path} does not exist; check the dataset layout")
     image = cv2.imread(str(path), flags)
     if image is None:
-        raise ValueError(
+        raise DataError(
             f"could not decode image file {path}: expected a readable PNG or JPEG; "
             "replace or remove the corrupt file"
         )

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from kdkit.errors import DataError
+
 __all__ = ["contact_sheet"]
 
 
@@ -32,7 +34,7 @@ def contact_sheet(samples: list[dict], keys: Sequence[str], tile: int = 128,
     """An RGB uint8 grid of up to 16 samples, each shown as one ``tile×tile`` tile per key
     of ``keys`` side by side, ``columns`` samples per row."""
     if not samples:
-        raise ValueError("contact_sheet needs at least one sample, found none")
+        raise DataError("contact_sheet needs at least one sample, found none")
     cells = [np.hstack([_tile(s[key], tile) for key in keys]) for s in samples[:16]]
     columns = min(columns, len(cells))
     blank = np.zeros_like(cells[0])

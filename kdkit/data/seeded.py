@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 from torch.utils.data import Dataset
 
+from kdkit.errors import DataError
+
 __all__ = ["SPLIT_SEED_OFFSETS", "SeededDataset", "split_seed"]
 
 #: Seed of sample ``i`` of a split is ``SPLIT_SEED_OFFSETS[split] + i``; a train split is
@@ -18,11 +20,11 @@ def split_seed(split: str, index: int) -> int:
     """The generator seed of sample ``index`` of ``split`` (``"train"``: ``index``,
     ``"test"``: ``10_000_000 + index``)."""
     if split not in SPLIT_SEED_OFFSETS:
-        raise ValueError(
+        raise DataError(
             f"unknown split {split!r}; expected one of {', '.join(SPLIT_SEED_OFFSETS)}"
         )
     if not 0 <= index < SPLIT_SEED_OFFSETS["test"]:
-        raise ValueError(
+        raise DataError(
             f"sample index must be in 0..{SPLIT_SEED_OFFSETS['test'] - 1} so the train and "
             f"test seed ranges stay disjoint, found {index}"
         )
@@ -36,7 +38,7 @@ class SeededDataset(Dataset):
     def __init__(self, generate: Callable[[int], dict], split: str, length: int,
                  transform: Callable[[dict], dict] | None = None) -> None:
         if length < 1:
-            raise ValueError(f"length must be at least 1, found {length}")
+            raise DataError(f"length must be at least 1, found {length}")
         split_seed(split, length - 1)  # validates the split and the seed range
         self.generate, self.split, self.length = generate, split, length
         self.transform = transform

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from kdkit.config import ConfigError, from_mapping
+from kdkit.config import ConfigError, OneOf, Range, from_mapping, register_checks
 from kdkit.data import source_pairs
+from kdkit.errors import DataError
 from tasks.matting import data as matting_data
 from tasks.matting.losses import alpha_prediction_loss, composition_loss
 from tasks.matting.metrics import matting_metrics
@@ -57,6 +58,10 @@ class MattingModel:
     pretrained: bool = False  # timm only; needs weights available locally
 
 
+register_checks(MattingModel, name=OneOf(("dim_teacher", "dim_student", "dim", "timm")),
+                decoder_channels=Range(1))
+
+
 @dataclass
 class MattingData:
     """``data:`` section. ``synthetic`` generates samples (train and test from disjoint
@@ -73,6 +78,18 @@ class MattingData:
     output_size: int = 320
     unknown_value: int = 128
     bg_per_fg: int | None = None  # composition1k: the official 100 (train) / 20 (test)
+
+
+register_checks(
+    MattingData,
+    kind=OneOf(("synthetic", "folder", "composition1k")),
+    train_length=Range(1),
+    test_length=Range(1),
+    crop_sizes=Range(1),
+    output_size=Range(1),
+    unknown_value=Range(1, 254, note="0 and 255 are the definite background and foreground"),
+    bg_per_fg=Range(1, note="or null for the official 100 (train) / 20 (test)"),
+)
 
 
 @dataclass
@@ -132,10 +149,7 @@ class MattingTask:
             spec = DIMSpec(tuple(tuple(block) for block in model.encoder_channels),
                            tuple(model.decoder_channels_dim))
             return DIM(spec, adapter_channels=model.adapter_channels)
-        if model.name == "timm":
-            return TimmMatting(model.encoder, model.decoder_channels, model.pretrained)
-        raise ConfigError(f"model.name must be dim_teacher, dim_student, dim or timm, got "
-                          f"{model.name!r}")
+        return TimmMatting(model.encoder, model.decoder_channels, model.pretrained)  # timm
 
     def datasets(self, spec: dict[str, Any]) -> tuple[Dataset, Dataset]:
         data = from_mapping(MattingData, spec, "data")
@@ -160,15 +174,12 @@ class MattingTask:
                 matting_data.ImageFolderMatting(data.test_root, data.unknown_value,
                                                 eval_transform),
             )
-        if data.kind == "composition1k":
-            return (
-                matting_data.Composition1kMatting(data.root, "train", data.unknown_value,
-                                                  train_transform, data.bg_per_fg),
-                matting_data.Composition1kMatting(data.test_root, "test", data.unknown_value,
-                                                  eval_transform, data.bg_per_fg),
-            )
-        raise ConfigError(f"data.kind must be synthetic, folder or composition1k, got "
-                          f"{data.kind!r}")
+        return (  # composition1k (the kinds are checked when the section is read)
+            matting_data.Composition1kMatting(data.root, "train", data.unknown_value,
+                                              train_transform, data.bg_per_fg),
+            matting_data.Composition1kMatting(data.test_root, "test", data.unknown_value,
+                                              eval_transform, data.bg_per_fg),
+        )
 
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
         return (network_input(batch["image"], batch["trimap"]),)
@@ -224,7 +235,7 @@ class MattingTask:
         """Alpha PNGs at full resolution, named like the images; the trimap's known pixels
         are copied into the prediction (0 or 1)."""
         if trimaps is None:
-            raise ValueError("matting needs a trimap per image: pass --trimap FILE_OR_FOLDER")
+            raise ConfigError("matting needs a trimap per image: pass --guide FILE_OR_FOLDER")
         unknown = from_mapping(MattingData, data, "data").unknown_value
         out_dir = Path(output)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +246,7 @@ class MattingTask:
             trimap = matting_data.read_trimap(trimap_path, unknown)
             trimap = np.where(trimap == unknown, UNKNOWN, trimap).astype(np.uint8)
             if trimap.shape != image.shape[:2]:
-                raise ValueError(f"{trimap_path} is {trimap.shape[1]}×{trimap.shape[0]} but "
+                raise DataError(f"{trimap_path} is {trimap.shape[1]}×{trimap.shape[0]} but "
                                  f"{image_path} is {image.shape[1]}×{image.shape[0]}")
             x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).to(device)
             t = torch.from_numpy(trimap)[None, None].float().to(device)

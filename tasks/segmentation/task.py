@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from kdkit.config import ConfigError, from_mapping
+from kdkit.config import ConfigError, OneOf, Range, from_mapping, register_checks
 from kdkit.data import read_image, source_files
 from tasks.segmentation import data as seg_data
 from tasks.segmentation.metrics import segmentation_metrics, update_segmentation_metrics
@@ -64,6 +64,18 @@ class SegmentationData:
     camouflage: bool = True  # synthetic: objects textured from the background's palette
 
 
+register_checks(SegmentationModel, classes=Range(2), decoder_channels=Range(1))
+register_checks(
+    SegmentationData,
+    kind=OneOf(("synthetic", "folder")),
+    classes=Range(2),
+    train_length=Range(1),
+    test_length=Range(1),
+    crop_size=Range(1),
+    scale_range=Range(0, open_low=True),
+)
+
+
 @dataclass
 class SegmentationLoss:
     """``loss:`` section: the weight of the per-pixel cross-entropy (255 ignored)."""
@@ -80,8 +92,6 @@ class SegmentationTask:
 
     def build_model(self, spec: dict[str, Any]) -> nn.Module:
         model = from_mapping(SegmentationModel, spec, "model")
-        if model.classes < 2:
-            raise ConfigError(f"model.classes must be at least 2, got {model.classes}")
         return SegmentationFPN(model.encoder, model.classes, model.decoder_channels,
                                model.encoder_args, model.pretrained)
 
@@ -96,12 +106,10 @@ class SegmentationTask:
                 seg_data.SyntheticSegmentation("test", data.test_length, data.size,
                                                data.classes, eval_transform, data.camouflage),
             )
-        if data.kind == "folder":
-            if data.root is None or data.test_root is None:
-                raise ConfigError("data.kind 'folder' needs data.root and data.test_root")
-            return (seg_data.FolderSegmentation(data.root, data.classes, train_transform),
-                    seg_data.FolderSegmentation(data.test_root, data.classes, eval_transform))
-        raise ConfigError(f"data.kind must be synthetic or folder, got {data.kind!r}")
+        if data.root is None or data.test_root is None:  # folder, the only other kind
+            raise ConfigError("data.kind 'folder' needs data.root and data.test_root")
+        return (seg_data.FolderSegmentation(data.root, data.classes, train_transform),
+                seg_data.FolderSegmentation(data.test_root, data.classes, eval_transform))
 
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
         return (batch["image"],)
@@ -149,7 +157,7 @@ class SegmentationTask:
                 data: dict[str, Any], device: torch.device) -> list[Path]:
         """Label maps at full resolution as VOC-coloured PNGs, named like the images."""
         if guides is not None:
-            raise ValueError("segmentation takes no per-image guide; drop --guide/--trimap")
+            raise ConfigError("segmentation takes no per-image guide; drop --guide")
         out_dir = Path(output)
         written = []
         model.eval()

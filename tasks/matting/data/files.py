@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from kdkit.data.images import imread
+from kdkit.errors import DataError
 
 from .trimaps import DEFAULT_UNKNOWN, normalise_trimap
 
@@ -31,7 +32,7 @@ def read_alpha(path: str | Path) -> np.ndarray:
         return alpha_from_uint8(alpha)
     if alpha.dtype == np.uint16:
         return alpha.astype(np.float32) / np.float32(65535)
-    raise ValueError(f"alpha matte {path} has dtype {alpha.dtype}; expected an 8- or 16-bit image")
+    raise DataError(f"alpha matte {path} has dtype {alpha.dtype}; expected an 8- or 16-bit image")
 
 
 def read_trimap(path: str | Path, unknown_value: int = DEFAULT_UNKNOWN) -> np.ndarray:
@@ -41,4 +42,4 @@ def read_trimap(path: str | Path, unknown_value: int = DEFAULT_UNKNOWN) -> np.nd
     try:
         return normalise_trimap(trimap, unknown_value)
     except ValueError as error:
-        raise ValueError(f"trimap {path}: {error}") from None
+        raise DataError(f"trimap {path}: {error}") from None

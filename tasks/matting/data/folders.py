@@ -19,7 +19,8 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from kdkit.data import StemFolders, index_folder, read_image, require_same_size
+from kdkit.data import MissingFileError, StemFolders, index_folder, read_image, require_same_size
+from kdkit.errors import DataError
 
 from .files import read_alpha, read_trimap
 from .trimaps import DEFAULT_UNKNOWN, check_unknown_value, eval_trimap, random_trimap
@@ -102,7 +103,7 @@ def composite_truncated(fg: np.ndarray, bg: np.ndarray, alpha: np.ndarray) -> np
 
 def _read_names(path: Path) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"name list {path} does not exist; check the dataset layout")
+        raise MissingFileError(f"name list {path} does not exist; check the dataset layout")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -152,11 +153,11 @@ class Composition1kMatting(Dataset):
         else:
             self.fg_names = [path.name for path in index_folder(self.root / "fg").values()]
         if not self.fg_names:
-            raise ValueError(f"no foregrounds in {self.root / 'fg'}; check the dataset layout")
+            raise DataError(f"no foregrounds in {self.root / 'fg'}; check the dataset layout")
         self.bg_names = _read_names(self.root / "bg_names.txt")
         expected = len(self.fg_names) * self.bg_per_fg
         if len(self.bg_names) != expected:
-            raise ValueError(
+            raise DataError(
                 f"{self.root / 'bg_names.txt'} lists {len(self.bg_names)} backgrounds, expected "
                 f"{len(self.fg_names)} foregrounds × bg_per_fg {self.bg_per_fg} = {expected}; "
                 "pass the matching bg_per_fg or fix the list"
@@ -167,7 +168,7 @@ class Composition1kMatting(Dataset):
         for folder, names in folders:
             for name in names:
                 if not (self.root / folder / name).is_file():
-                    raise FileNotFoundError(
+                    raise MissingFileError(
                         f"{self.root / folder / name} does not exist; every name listed for "
                         f"{folder}/ needs its file"
                     )

@@ -41,6 +41,7 @@ from kdkit.data.textures import (
     texture,
     upsample,
 )
+from kdkit.errors import DataError
 
 from .files import alpha_from_uint8
 from .trimaps import DEFAULT_UNKNOWN, check_unknown_value, eval_trimap
@@ -176,7 +177,8 @@ def synthesize(seed: int, size: int = 512, *, unknown_value: int = DEFAULT_UNKNO
     trimap with radius ``max(1, round(10·size/512))``) and ``name`` (``"synthetic_<seed>"``).
     """
     if size < _MIN_SIZE:
-        raise ValueError(f"size must be at least {_MIN_SIZE} pixels, found {size}")
+        raise DataError(f"size must be at least {_MIN_SIZE} pixels (data.size, or --size of "
+                        f"kdkit data synth), found {size}")
     unknown_value = check_unknown_value(unknown_value)
     rng = np.random.default_rng(seed)
     colours = palette(rng)
@@ -237,7 +239,8 @@ class SyntheticMatting(SeededDataset):
         transform: Callable[[dict], dict] | None = None,
     ) -> None:
         if size < _MIN_SIZE:
-            raise ValueError(f"size must be at least {_MIN_SIZE} pixels, found {size}")
+            raise DataError(f"size must be at least {_MIN_SIZE} pixels (data.size, or --size of "
+                        f"kdkit data synth), found {size}")
         self.size, self.unknown_value = size, check_unknown_value(unknown_value)
         generate = partial(synthesize, size=size, unknown_value=self.unknown_value)
         super().__init__(generate, split, length, transform)
@@ -258,7 +261,7 @@ def write_synthetic_folder(
     Returns ``out_dir`` as a Path.
     """
     if n < 1:
-        raise ValueError(f"n must be at least 1, found {n}")
+        raise DataError(f"n must be at least 1, found {n}")
     out = Path(out_dir)
     shown = []
     for i in range(n):

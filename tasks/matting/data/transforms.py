@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from kdkit.data.random import WorkerRNG
+from kdkit.errors import DataError
 
 from .trimaps import DEFAULT_UNKNOWN, check_unknown_value, normalise_trimap, random_trimap
 
@@ -73,9 +74,10 @@ class TrainTransform:
         seed: int | None = None,
     ) -> None:
         if not crop_sizes or min(crop_sizes) < 1 or output_size < 1:
-            raise ValueError(
-                f"expected non-empty positive crop_sizes and a positive output_size, found "
-                f"crop_sizes={tuple(crop_sizes)} and output_size={output_size}"
+            raise DataError(
+                f"expected a non-empty positive data.crop_sizes and a positive "
+                f"data.output_size, found crop_sizes {list(crop_sizes)} and output_size "
+                f"{output_size}"
             )
         self.crop_sizes = tuple(int(c) for c in crop_sizes)
         self.output_size = output_size
@@ -138,7 +140,7 @@ class EvalTransform:
         out = dict(sample)
         out["trimap"] = normalise_trimap(sample["trimap"], self.unknown_value)
         if not (out["trimap"] == self.unknown_value).any():
-            raise ValueError(
+            raise DataError(
                 f"sample {sample.get('name', '?')}: its trimap has no unknown pixels (value "
                 f"{self.unknown_value}), so there is nothing to evaluate; check data."
                 "unknown_value, or remove the image from the test set")

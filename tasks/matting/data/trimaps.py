@@ -14,6 +14,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from kdkit.errors import DataError
+
 __all__ = [
     "DEFAULT_UNKNOWN",
     "check_unknown_value",
@@ -26,14 +28,14 @@ DEFAULT_UNKNOWN = 128
 
 
 def check_unknown_value(unknown_value: int) -> int:
-    """``unknown_value`` as an int, or ValueError when it is not in ``1..254``."""
+    """``unknown_value`` as an int, or DataError when it is not in ``1..254``."""
     if (
         isinstance(unknown_value, bool)
         or int(unknown_value) != unknown_value
         or not (1 <= unknown_value <= 254)
     ):
-        raise ValueError(
-            f"unknown_value must be an integer in 1..254 (0 and 255 are the definite "
+        raise DataError(
+            f"data.unknown_value must be an integer in 1..254 (0 and 255 are the definite "
             f"regions), found {unknown_value!r}"
         )
     return int(unknown_value)
@@ -105,13 +107,13 @@ def normalise_trimap(trimap: np.ndarray, unknown_value: int = DEFAULT_UNKNOWN) -
     Accepts ``H×W`` or ``H×W×C`` (e.g. an RGB or RGBA PNG: channel 0 is used) of any
     integer or float dtype. The values are kept in the dataset's own convention (no
     remapping), so they must lie in ``{0, unknown_value, 255}``; anything else raises a
-    ValueError naming the unexpected values.
+    DataError naming the unexpected values.
     """
     unknown_value = check_unknown_value(unknown_value)
     if trimap.ndim == 3:
         trimap = trimap[..., 0]
     if trimap.ndim != 2:
-        raise ValueError(f"expected an H×W or H×W×C trimap, found shape {trimap.shape}")
+        raise DataError(f"expected an H×W or H×W×C trimap, found shape {trimap.shape}")
     if trimap.dtype == np.uint8:
         present = np.flatnonzero(np.bincount(trimap.ravel(), minlength=256))
     else:
@@ -122,11 +124,12 @@ def normalise_trimap(trimap: np.ndarray, unknown_value: int = DEFAULT_UNKNOWN) -
             ", ..." if unexpected.size > 8 else ""
         )
         hint = (
-            f"; if {unexpected[0]:g} marks the unknown region, pass unknown_value={unexpected[0]:g}"
+            f"; if {unexpected[0]:g} marks the unknown region, set data.unknown_value: "
+            f"{unexpected[0]:g} in the config (or --set data.unknown_value={unexpected[0]:g})"
             if unexpected.size == 1
             else "; the file is not a trimap with three levels (resized with interpolation?)"
         )
-        raise ValueError(
+        raise DataError(
             f"trimap holds values {{{shown}}} besides the expected {{0, {unknown_value}, 255}}"
             + hint
         )

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from kdkit.data.images import imread, write_image
+from kdkit.errors import DataError
 
 from .palette import IGNORE_INDEX, colourise, mask_from_colours
 
@@ -27,21 +28,22 @@ __all__ = ["check_classes", "check_labels", "read_mask", "require_png", "write_m
 
 
 def check_classes(classes: int) -> int:
-    """``classes`` as an int, or ValueError when it is not in ``1..255`` (255 is the ignore
+    """``classes`` as an int, or DataError when it is not in ``1..255`` (255 is the ignore
     index, so at most 255 classes ``0..254``)."""
     if isinstance(classes, bool) or int(classes) != classes or not 1 <= classes <= 255:
-        raise ValueError(
-            f"classes must be an integer in 1..255 (255 is the ignore index), found {classes!r}"
+        raise DataError(
+            f"data.classes must be an integer in 1..255 (255 is the ignore index), found "
+            f"{classes!r}"
         )
     return int(classes)
 
 
 def require_png(path: str | Path) -> Path:
-    """``path`` as a Path, or ValueError when it is not a ``.png`` (a lossy JPEG changes
+    """``path`` as a Path, or DataError when it is not a ``.png`` (a lossy JPEG changes
     label values at every edge)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise ValueError(
+        raise DataError(
             f"mask {path} is not a PNG; masks must be stored losslessly (JPEG compression "
             "changes label values at edges), save it as .png"
         )
@@ -50,13 +52,13 @@ def require_png(path: str | Path) -> Path:
 
 def check_labels(mask: np.ndarray, classes: int, source: str | Path) -> np.ndarray:
     """``mask`` (``H×W`` uint8) after checking every value is ``< classes`` or 255; the
-    ValueError names ``source``, up to 5 offending values and ``classes``."""
+    DataError names ``source``, up to 5 offending values and ``classes``."""
     counts = np.bincount(mask.ravel(), minlength=256)
     counts[IGNORE_INDEX] = 0
     bad = np.flatnonzero(counts[classes:]) + classes
     if bad.size:
         shown = ", ".join(str(v) for v in bad[:5]) + (", ..." if bad.size > 5 else "")
-        raise ValueError(
+        raise DataError(
             f"mask {source} holds class values {{{shown}}} but classes is {classes} (valid: "
             f"0..{classes - 1} and {IGNORE_INDEX} = ignore); set data.classes to at least "
             f"{int(bad.max()) + 1} or fix the mask"
@@ -71,7 +73,7 @@ def read_mask(path: str | Path, classes: int) -> np.ndarray:
     path = require_png(path)
     raw = imread(path, cv2.IMREAD_UNCHANGED)
     if raw.dtype != np.uint8:
-        raise ValueError(
+        raise DataError(
             f"mask {path} has dtype {raw.dtype}; expected an 8-bit PNG (class indices or VOC "
             "colours), re-save it with 8 bits per channel"
         )
@@ -82,7 +84,7 @@ def read_mask(path: str | Path, classes: int) -> np.ndarray:
     elif raw.shape[2] in (3, 4):
         mask = mask_from_colours(cv2.cvtColor(raw[..., :3], cv2.COLOR_BGR2RGB), path)
     else:
-        raise ValueError(
+        raise DataError(
             f"mask {path} has {raw.shape[2]} channels; expected 1 (class indices) or 3/4 "
             "(VOC colours)"
         )
@@ -94,7 +96,7 @@ def write_mask(path: str | Path, mask: np.ndarray) -> None:
     identically by :func:`read_mask`)."""
     path = require_png(path)
     if mask.ndim != 2 or mask.dtype != np.uint8:
-        raise ValueError(
+        raise DataError(
             f"expected an H×W uint8 label map for {path}, found shape {mask.shape} and dtype "
             f"{mask.dtype}"
         )

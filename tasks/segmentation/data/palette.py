@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kdkit.errors import DataError
+
 __all__ = ["IGNORE_INDEX", "colourise", "mask_from_colours", "voc_palette"]
 
 IGNORE_INDEX = 255
@@ -65,11 +67,11 @@ def _keys(rgb: np.ndarray) -> np.ndarray:
 
 def mask_from_colours(rgb: np.ndarray, path: str | Path) -> np.ndarray:
     """The ``H×W`` uint8 label map of an ``H×W×3`` uint8 RGB image in VOC colours (the
-    inverse of :func:`colourise`). A colour outside the VOC map raises a ValueError naming
+    inverse of :func:`colourise`). A colour outside the VOC map raises a DataError naming
     ``path`` (the file it came from), the first such colour in raster order and how many
     pixels have unknown colours."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(
+        raise DataError(
             f"colour mask {path}: expected an H×W×3 uint8 RGB image, found shape {rgb.shape} "
             f"and dtype {rgb.dtype}"
         )
@@ -83,7 +85,7 @@ def mask_from_colours(rgb: np.ndarray, path: str | Path) -> np.ndarray:
         bad = np.flatnonzero(~known.ravel())
         y, x = divmod(int(bad[0]), rgb.shape[1])
         colour = tuple(int(c) for c in rgb[y, x])
-        raise ValueError(
+        raise DataError(
             f"colour mask {path} has {bad.size} pixel(s) with colours outside the PASCAL VOC "
             f"palette, the first RGB {colour} at (x={x}, y={y}); a colour mask must use the "
             "VOC colours exactly (saved losslessly as PNG, not resized with interpolation), "

@@ -57,6 +57,7 @@ import numpy as np
 
 from kdkit.data import SeededDataset, contact_sheet, split_seed, write_image
 from kdkit.data.textures import palette, texture
+from kdkit.errors import DataError
 
 from .files import write_mask
 from .palette import colourise
@@ -320,9 +321,10 @@ class _Layer:
 
 def _check(size: int, classes: int) -> None:
     if size < _MIN_SIZE:
-        raise ValueError(f"size must be at least {_MIN_SIZE} pixels, found {size}")
+        raise DataError(f"size must be at least {_MIN_SIZE} pixels (data.size, or --size of "
+                        f"kdkit data synth), found {size}")
     if isinstance(classes, bool) or int(classes) != classes or not 2 <= classes <= MAX_CLASSES:
-        raise ValueError(
+        raise DataError(
             f"synthetic scenes support classes in 2..{MAX_CLASSES} (background + one shape "
             f"family per class), found {classes!r}; use a smaller data.classes"
         )
@@ -427,7 +429,7 @@ def write_synthetic_folder(
     Returns ``out_dir`` as a Path.
     """
     if n < 1:
-        raise ValueError(f"n must be at least 1, found {n}")
+        raise DataError(f"n must be at least 1, found {n}")
     _check(size, classes)
     out = Path(out_dir)
     shown = []

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from kdkit.data.random import WorkerRNG
+from kdkit.errors import DataError
 
 from .palette import IGNORE_INDEX
 
@@ -53,9 +54,10 @@ class TrainTransform:
     ) -> None:
         low, high = (float(v) for v in scale_range)
         if crop_size < 1 or not 0 < low <= high:
-            raise ValueError(
-                f"expected a positive crop_size and 0 < low <= high in scale_range, found "
-                f"crop_size={crop_size} and scale_range={tuple(scale_range)}"
+            raise DataError(
+                f"expected a positive data.crop_size and 0 < low <= high in "
+                f"data.scale_range, found crop_size {crop_size} and scale_range "
+                f"{list(scale_range)}"
             )
         self.crop_size, self.scale_range, self.seed = int(crop_size), (low, high), seed
         self._generator = WorkerRNG(seed)
@@ -64,7 +66,7 @@ class TrainTransform:
         rng = self._generator()
         image, mask = sample["image"], sample["mask"]
         if image.shape[:2] != mask.shape:
-            raise ValueError(
+            raise DataError(
                 f"sample {sample.get('name', '?')}: image is {image.shape[1]}×{image.shape[0]} "
                 f"but mask is {mask.shape[1]}×{mask.shape[0]}; they must match"
             )
