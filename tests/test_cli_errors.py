@@ -5,10 +5,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import kdkit.train
 from kdkit.cli import EXIT_BAD_INPUT, EXIT_RUN_FAILED, main
-from kdkit.errors import ConfigError, KernelFailure, NonFiniteLossError
+from kdkit.data import imread, index_images
+from kdkit.errors import ConfigError, DataError, KernelFailure, NonFiniteLossError
 from tasks.matting.task import MattingTask
 from tasks.segmentation.task import SegmentationTask
 
@@ -94,3 +96,22 @@ def test_task_sections_are_range_checked():
         MattingTask().build_model({"name": "dim_studnet"})
     with pytest.raises(ConfigError, match=r"model.classes: expected a number >= 2, found 1"):
         SegmentationTask().build_model({"classes": 1})
+
+
+def test_data_errors_are_kdkit_errors_and_a_missing_file_still_a_file_not_found(tmp_path):
+    with pytest.raises(DataError, match="absent.png does not exist") as error:
+        imread(tmp_path / "absent.png")
+    assert isinstance(error.value, FileNotFoundError)
+    (tmp_path / "image").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        index_images(tmp_path, "mask")
+
+
+def test_predict_with_a_missing_image_is_one_line(tmp_path, config, capsys):
+    weights = tmp_path / "model.pt"
+    torch.save({"model": MattingTask().build_model({}).state_dict()}, weights)
+    assert main(["predict", config, "--checkpoint", str(weights), "--image",
+                 str(tmp_path / "photo.png"), "--guide", str(tmp_path / "trimap.png"),
+                 "--output", str(tmp_path / "out")]) == EXIT_BAD_INPUT
+    line = one_line(capsys.readouterr().err)
+    assert line == f"kdkit predict: no such image file or folder: {tmp_path}/photo.png"

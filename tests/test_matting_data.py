@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdkit.errors import DataError
 from tasks.matting.data import (
     Composition1kMatting,
     EvalTransform,
@@ -199,11 +200,12 @@ def test_normalise_trimap_keeps_the_dataset_convention():
     out = normalise_trimap(rgba, unknown_value=102)
     assert out.shape == (2, 2) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, trimap)
-    with pytest.raises(ValueError, match=r"\{102\}.*unknown_value=102"):
+    with pytest.raises(DataError, match=r"\{102\}.*set data.unknown_value: 102 in the config "
+                                        r"\(or --set data.unknown_value=102\)"):
         normalise_trimap(trimap)
     with pytest.raises(ValueError, match="7, 9"):
         normalise_trimap(np.array([[0, 7, 9, 128]], np.uint8))
-    with pytest.raises(ValueError, match="1..254"):
+    with pytest.raises(DataError, match=r"data.unknown_value must be an integer in 1\.\.254"):
         normalise_trimap(trimap, unknown_value=255)
 
 
@@ -213,7 +215,7 @@ def test_lemur_trimap_needs_its_unknown_value():
     trimap = read_trimap(LEMUR_TRIMAP, unknown_value=102)
     assert trimap.shape == (440, 680) and trimap.dtype == np.uint8
     assert set(np.unique(trimap)) == {0, 102, 255}
-    with pytest.raises(ValueError, match=r"lemur_trimap\.png.*102.*unknown_value=102"):
+    with pytest.raises(DataError, match=r"lemur_trimap\.png.*102.*--set data.unknown_value=102"):
         read_trimap(LEMUR_TRIMAP)
 
 
