@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kdkit.errors import KdkitError, KernelFailure, NonFiniteLossError
+from kdkit.errors import ConfigError, KdkitError, KernelFailure, NonFiniteLossError
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -31,16 +31,14 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench_kernels(args: argparse.Namespace) -> int:
     import torch
 
-    from kdkit import bench
+    from kdkit import bench, kernels
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("kdkit bench kernels: --device cuda was asked for, but no CUDA device is "
               "visible here; run with --device cpu", file=sys.stderr)
         return 2
-    backends = args.backends or (
-        ["reference", "factored", "triton"] if device.type == "cuda" else ["reference", "factored"]
-    )
+    backends = args.backends or kernels.native_backends(device.type)
     batch = args.batch or (16 if device.type == "cuda" else 2)
     cases = bench.paper_cases(batch)
     if args.crops:
@@ -106,8 +104,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from kdkit.errors import ConfigError
-
     run, task, model, device = _load_trained(args)
     if not hasattr(task, "predict"):
         raise ConfigError(f"the task {run.task!r} does not implement predict")
@@ -161,9 +157,13 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {value}")
+    """An argparse type: an integer >= 1 (argparse prints the error with the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {text!r}")
     return value
 
 
@@ -209,13 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="micro-benchmarks")
     targets = bench.add_subparsers(dest="target", required=True, metavar="TARGET")
+    from kdkit.kernels import BACKENDS as SIMILARITY_BACKENDS
+
     kernels = targets.add_parser(
         "kernels", help="time the similarity backends at the papers' shapes, write a table"
     )
     kernels.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     kernels.add_argument("--batch", type=int, help="default: 16 on cuda, 2 on cpu")
     kernels.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
-    kernels.add_argument("--backends", nargs="+", choices=["reference", "factored", "triton"])
+    kernels.add_argument("--backends", nargs="+", choices=list(SIMILARITY_BACKENDS),
+                         help="default: those that run natively on --device")
     kernels.add_argument("--accumulate", nargs="+", choices=["fp32", "fp64"],
                          default=["fp32", "fp64"])
     kernels.add_argument("--crops", nargs="+", type=int, choices=[320, 640, 1024],

@@ -54,6 +54,9 @@ def test_data_synth_needs_a_task_and_documents_every_option(capsys):
         main(["data", "synth", "--out", "x"])
     assert "--task" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        main(["data", "synth", "--task", "matting", "--out", "x", "--n", "0"])
+    assert "argument --n: expected an integer >= 1, found '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["data", "synth", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--task TASK the task whose data to generate: matting, segmentation" in text
