@@ -245,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(predict, checkpoint=True)
     predict.add_argument("--image", required=True, help="an image file or a folder of them")
     predict.add_argument("--guide",
-                         help="per-image guides for tasks that take them (matting: a trimap "
-                              "file, or a folder of them with the images' names)")
+                         help="per-image guides, for tasks that take one (such as a trimap): a "
+                              "file, or a folder of them named like the images")
     predict.add_argument("--output", required=True, help="folder for the predictions")
     predict.set_defaults(run=_predict)
 
