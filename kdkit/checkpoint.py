@@ -5,7 +5,8 @@ file, flushed to disk and renamed over the old one, so a crash at any moment lea
 the previous or the new checkpoint, whole. It carries a CRC-32 of its tensors' bytes:
 ``torch.load`` notices a truncated archive but not a flipped bit in tensor data, the
 checksum does. Loading uses ``torch.load(weights_only=True)`` (or safetensors), which
-refuses pickled code.
+refuses pickled code. Every failure to read or fit a file is a
+:class:`~kdkit.errors.CheckpointError` that names the file and what to do.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-__all__ = ["load_checkpoint", "load_weights", "resolve_path", "save_atomic"]
+from kdkit.errors import CheckpointError
+
+__all__ = ["load_checkpoint", "load_state", "load_weights", "resolve_path", "save_atomic"]
 
 CHECKSUM = "crc32"
 
@@ -71,11 +74,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     checksum; a missing, truncated, corrupt or foreign file is a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or unsafe files
-        raise ValueError(
+        raise CheckpointError(
             f"could not read checkpoint {path}: it is truncated, corrupt, or not a checkpoint "
             f"made of tensors and plain values (files that would run code are refused). "
             f"Delete it to start over or restore a copy. Reader said: {error}"
@@ -84,7 +87,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         payload = dict(payload)
         expected = payload.pop(CHECKSUM)
         if _checksum(payload) != expected:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} is corrupt: its tensors do not match the checksum written "
                 "with them (a damaged disk or copy). Delete it to start over or restore a copy"
             )
@@ -106,16 +109,35 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     path = resolve_path(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
-            raise FileNotFoundError(f"weights not found: {path}")
+            raise CheckpointError(f"weights not found: {path}")
         state = load_safetensors(path)
     else:
         payload = load_checkpoint(path)
         state = payload.get("model", payload) if isinstance(payload, dict) else payload
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"weights in {path} do not fit {type(model).__name__}: missing "
-            f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}; check that the config "
-            "builds the same model the checkpoint was trained with"
-        )
-    return model
+    return load_state(model, state, path)
+
+
+def _first(names: list[str], count: int = 5) -> str:
+    more = f" and {len(names) - count} more" if len(names) > count else ""
+    return ", ".join(names[:count]) + more
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str | Path
+               ) -> nn.Module:
+    """``module.load_state_dict(state)`` (strict; float dtypes converted to the module's),
+    or a short :class:`CheckpointError` naming the first few missing, unexpected and
+    wrongly shaped keys instead of PyTorch's dump of every one."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+               if k in state and getattr(state[k], "shape", None) != getattr(v, "shape", None)]
+    if missing or unexpected or resized:
+        found = [f"{what} {_first(names)}" for what, names in (
+            ("missing", missing), ("unexpected", unexpected), ("shapes (file vs model)", resized))
+            if names]
+        raise CheckpointError(
+            f"{source} does not fit {type(module).__name__}: {'; '.join(found)}. Check that "
+            "the config builds the model the file was saved from")
+    module.load_state_dict(state)
+    return module

@@ -1,6 +1,7 @@
 """Multi-process training through ``torchrun``: process-group set-up from the environment,
-data sharding, gradient averaging for parameters outside the DDP-wrapped student, and a
-differentiable all-gather for losses that need the global batch.
+data sharding, gradient averaging for parameters outside the DDP-wrapped student, a
+differentiable all-gather for losses that need the global batch, and an all-gather of
+small values (each process's random state, for its checkpoint).
 
 ``torchrun --nproc_per_node=K -m kdkit train CONFIG`` starts K processes; each reads
 ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` from the environment. The backend is NCCL on
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["World", "agree", "all_gather_with_grad", "average_gradients", "end_world",
-           "setup_world"]
+__all__ = ["World", "agree", "all_gather_values", "all_gather_with_grad", "average_gradients",
+           "end_world", "setup_world"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,15 @@ def average_gradients(parameters: list[nn.Parameter], world: World) -> None:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
 
+
+def all_gather_values(value: Any, world: World) -> list[Any]:
+    """``value`` of every process, in rank order (every process gets the list); a list of
+    one without a process group. For small picklable values such as random states."""
+    if not world.distributed:
+        return [value]
+    values: list[Any] = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,9 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
 
 
 def _distilled(out: Path, gather: bool, teacher: Path, batch: int) -> dict:
-    run = toy_run(out, batch_size=batch)
+    """SGD, whose update scales with the gradient (Adam's would not notice gradients summed
+    instead of averaged over the processes)."""
+    run = toy_run(out, batch_size=batch, optimizer="sgd", lr=0.05)
     run["teacher"] = {"model": {"width": 8}, "checkpoint": str(teacher)}
     run["distillation"] = [
         {"loss": "batch_similarity", "student": "body", "teacher": "body",
@@ -89,7 +91,15 @@ def _distilled(out: Path, gather: bool, teacher: Path, batch: int) -> dict:
     return run
 
 
+def _trained(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The student's weights and the distillation adapters' at the end of a run."""
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    adapters = checkpoint["distiller"]["adapters"]
+    return {**checkpoint["model"], **{f"adapters.{k}": v for k, v in adapters.items()}}
+
+
 def test_batch_similarity_gathers_the_global_batch_across_processes(tmp_path):
+    """Also the adapters' gradients (outside DDP) are averaged over the processes."""
     torch.manual_seed(1)
     teacher = tmp_path / "teacher.pt"
     save_atomic({"model": ToyNet(8).state_dict()}, teacher)
@@ -99,11 +109,44 @@ def test_batch_similarity_gathers_the_global_batch_across_processes(tmp_path):
     for gather in (True, False):
         out = tmp_path / f"ddp-{gather}"
         _torchrun(_write(tmp_path / f"{gather}.yaml", _distilled(out, gather, teacher, 2)))
-        close = all(torch.allclose(_weights(out)[k], v, rtol=1e-5, atol=1e-6)
-                    for k, v in _weights(single).items())
+        close = {k: torch.allclose(_trained(out)[k], v, rtol=1e-5, atol=1e-6)
+                 for k, v in _trained(single).items()}
         # gathered: the same map as one process over the global batch (adapters averaged
         # too); per-process maps are a different loss
-        assert close == gather
+        assert all(close.values()) == gather, close
+
+
+def _dropout_run(out: Path, **settings) -> dict:
+    """The toy task with dropout (training draws from torch's global generator), evaluated
+    every 3 steps (after the checkpoint of step 3 in the stopped run)."""
+    run = toy_run(out, schedule="constant", eval_every=3, **settings)
+    return {**run, "task": "dropout_task:DropoutTask"}
+
+
+def test_resume_restores_the_random_stream(tmp_path):
+    """Stopped after 3 steps and resumed to 6 = 6 steps at once, dropout masks included."""
+    from dropout_task import DropoutTask
+
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    train(run_config_from_mapping(_dropout_run(whole)), DropoutTask(), progress=False)
+    for steps in (3, 6):
+        train(run_config_from_mapping(_dropout_run(halves, steps=steps)), DropoutTask(),
+              progress=False)
+    for name, value in _weights(whole).items():
+        assert torch.equal(_weights(halves)[name], value), name
+
+
+def test_each_process_resumes_its_own_random_stream(tmp_path):
+    """Two processes draw different dropout masks; the checkpoint keeps both streams and
+    each process resumes its own (not rank 0's)."""
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    _torchrun(_write(tmp_path / "whole.yaml", _dropout_run(whole, batch_size=2)))
+    _torchrun(_write(tmp_path / "3.yaml", _dropout_run(halves, batch_size=2, steps=3)))
+    streams = load_checkpoint(halves / "checkpoint.pt")["rng"]
+    assert len(streams) == 2 and not torch.equal(streams[0], streams[1])
+    _torchrun(_write(tmp_path / "6.yaml", _dropout_run(halves, batch_size=2, steps=6)))
+    for name, value in _weights(whole).items():
+        torch.testing.assert_close(_weights(halves)[name], value, rtol=1e-5, atol=1e-6)
 
 
 # -- crash safety ------------------------------------------------------------------------
@@ -248,5 +291,5 @@ def test_channels_last_and_bf16_autocast(tmp_path):
     assert ToyTask.seen and all(seen == (torch.bfloat16, True) for seen in ToyTask.seen)
     assert all(v.dtype == torch.float32 for v in _weights(tmp_path / "bf16").values())
     assert metrics["metric"] < 1.0
-    with pytest.raises(ConfigError, match="amp_dtype must be fp16 or bf16"):
+    with pytest.raises(ConfigError, match=r"train\.amp_dtype: unknown amp_dtype 'fp8'"):
         train(run_config_from_mapping(toy_run(tmp_path / "x", amp_dtype="fp8")), ToyTask())
