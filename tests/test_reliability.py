@@ -19,6 +19,7 @@ from toy_task import ToyNet, ToyTask
 
 from kdkit.checkpoint import load_checkpoint, save_atomic
 from kdkit.config import ConfigError, load_run_config, load_yaml, run_config_from_mapping
+from kdkit.errors import NonFiniteLossError
 from kdkit.sampling import ResumableSampler
 from kdkit.train import read_log, train
 
@@ -250,7 +251,7 @@ def test_a_nan_loss_stops_the_run_naming_the_term_and_step(tmp_path):
     run = toy_run(tmp_path / "nan")
     run["data"]["poison"] = [5]
     expected = _steps_with(5, 1)[0]
-    with pytest.raises(FloatingPointError, match=rf"'mse'.* at step {expected};"):
+    with pytest.raises(NonFiniteLossError, match=rf"'mse'.* at step {expected};"):
         train(run_config_from_mapping(run), ToyTask(), progress=False)
 
 

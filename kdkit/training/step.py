@@ -123,16 +123,14 @@ def train_step(run: Run, batch: Any) -> StepResult:
     ``run.step``. A non-finite total (on any process) skips the update or raises
     :class:`~kdkit.errors.NonFiniteLossError`, as ``train.on_nonfinite`` says."""
     task_terms, extra_terms = loss_terms(run, batch)
-    terms = {**task_terms, **extra_terms}
-    total = sum(terms.values())
-    skipped = agree(not bool(torch.isfinite(total)), run.world)
-    nonfinite = [name for name, value in terms.items() if not torch.isfinite(value)] \
-        if skipped else []
-    result = StepResult(task_terms, extra_terms, total, skipped, nonfinite)
-    if skipped:
+    total = sum({**task_terms, **extra_terms}.values())
+    result = StepResult(task_terms, extra_terms, total,
+                        skipped=agree(not bool(torch.isfinite(total)), run.world), nonfinite=[])
+    if result.skipped:
+        result.nonfinite = [k for k, v in result.terms.items() if not torch.isfinite(v)]
         _refuse_or_count(run, result)
     else:
         run.skipped_in_a_row = 0
-    _update(run, total, skipped)
+    _update(run, total, result.skipped)
     run.step += 1
     return result
