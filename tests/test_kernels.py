@@ -11,7 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdkit import kernels
-from kdkit.kernels import factored, reference
+from kdkit.errors import ConfigError
+from kdkit.kernels import backends, common, factored, reference
 from kdkit.losses import (
     channel_similarity_loss,
     spatial_channel_similarity_loss,
@@ -337,10 +338,10 @@ def test_triton_large_n_on_gpu():
 def test_auto_backend_and_environment_override(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.delenv(kernels.ENV_BACKEND, raising=False)
-    assert kernels.resolve_backend("auto", cpu) == "factored"
+    assert kernels.resolve_backend("auto", cpu).name == "factored"
     monkeypatch.setenv(kernels.ENV_BACKEND, "reference")
-    assert kernels.resolve_backend("auto", cpu) == "reference"
-    assert kernels.resolve_backend("factored", cpu) == "factored"  # explicit wins
+    assert kernels.resolve_backend("auto", cpu).name == "reference"
+    assert kernels.resolve_backend("factored", cpu).name == "factored"  # explicit wins
     monkeypatch.setenv(kernels.ENV_BACKEND, "fast")
     with pytest.raises(ValueError, match=f"'fast' \\(from {kernels.ENV_BACKEND}\\)"):
         kernels.resolve_backend("auto", cpu)
@@ -350,9 +351,12 @@ def test_auto_backend_and_environment_override(monkeypatch):
 
 
 def test_triton_without_triton_installed_says_what_to_do(monkeypatch):
-    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    monkeypatch.setattr(backends, "package_installed", lambda name: name != "triton")
     monkeypatch.delenv(kernels.ENV_BACKEND, raising=False)
-    assert kernels.resolve_backend("auto", torch.zeros(1)) == "factored"
+    assert not kernels.triton_available()
+    assert kernels.resolve_backend("auto", torch.zeros(1)).name == "factored"
+    assert kernels.resolve_backend("auto", torch.zeros(1, device="meta")).name == "factored"
+    assert kernels.native_backends("cuda") == ["reference", "factored"]
     with pytest.raises(ValueError, match="needs the triton package.*backend='factored'"):
         kernels.resolve_backend("triton", torch.zeros(1))
 
@@ -365,3 +369,105 @@ def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         kernels.resolve_backend("triton", torch.zeros(1))
     assert os.environ["TRITON_INTERPRET"] == "0"
+
+
+# --- the backend registry ----------------------------------------------------------------------
+
+
+def test_the_registry_knows_where_each_backend_runs(monkeypatch):
+    monkeypatch.setattr(backends, "package_installed", lambda name: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert list(kernels.BACKENDS) == ["reference", "factored", "triton"]
+    assert kernels.native_backends("cpu") == ["reference", "factored"]
+    assert kernels.native_backends("cuda") == ["reference", "factored", "triton"]
+    assert not kernels.BACKENDS["reference"].accumulates
+    assert kernels.BACKENDS["triton"].refusal("cuda") is None
+    assert "CUDA tensors (found cpu)" in kernels.BACKENDS["triton"].refusal("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.BACKENDS["triton"].refusal("cpu") is None  # on request, in the interpreter
+    assert not kernels.BACKENDS["triton"].runs_on("cpu")  # but "auto" never picks it there
+
+
+def test_auto_picks_the_highest_priority_backend_that_runs_natively(monkeypatch):
+    monkeypatch.setattr(backends, "package_installed", lambda name: True)
+    monkeypatch.delenv(kernels.ENV_BACKEND, raising=False)
+    assert kernels.resolve_backend("auto", torch.zeros(1, device="meta")).name == "factored"
+
+    class Cuda:  # a stand-in with a CUDA device type, no GPU needed
+        device = torch.device("cuda")
+
+    assert kernels.resolve_backend("auto", Cuda).name == "triton"
+
+
+def sum_of_squares_module():
+    """A backend module without a fused spatial+channel function."""
+    import types
+
+    def loss(student, teacher, accumulate):
+        return (student - teacher).square().sum()
+
+    return types.SimpleNamespace(batch_similarity=loss, spatial_similarity=loss,
+                                 channel_similarity=loss)
+
+
+@pytest.fixture
+def registry():
+    """The backend registry, restored after the test."""
+    saved = dict(kernels.BACKENDS)
+    yield kernels.BACKENDS
+    kernels.BACKENDS.clear()
+    kernels.BACKENDS.update(saved)
+
+
+def test_a_registered_backend_is_dispatched_to_and_sums_the_fused_loss(monkeypatch, registry):
+    toy = backends.register_backend(backends.Backend("toy", "toy_backend_module"))
+    monkeypatch.setattr(backends.Backend, "load", lambda self: sum_of_squares_module())
+    s, t = torch.ones(1, 1, 2), torch.zeros(1, 1, 2)
+    assert spatial_similarity_loss(s, t, backend="toy").item() == 2.0
+    assert spatial_channel_similarity_loss(s, t, backend="toy").item() == 4.0
+    assert backends.register_backend(toy) is toy  # the same backend again: a no-op
+    with pytest.raises(ValueError, match="'toy' is already registered"):
+        backends.register_backend(backends.Backend("toy", "another_module"))
+    with pytest.raises(ConfigError, match="unknown similarity backend 'toys'.*toy"):
+        kernels.resolve_backend("toys", s)
+
+
+def test_the_bench_command_line_reads_the_registry(registry):
+    from kdkit.cli import build_parser
+
+    backends.register_backend(backends.Backend("toy", "toy_module"))
+    args = build_parser().parse_args(["bench", "kernels", "--backends", "toy", "factored"])
+    assert args.backends == ["toy", "factored"]
+
+
+# --- the helpers the backends share --------------------------------------------------------------
+
+
+def test_precision_rules():
+    assert common.accumulation_dtype("fp32") == torch.float32
+    assert common.accumulation_dtype("fp64") == torch.float64
+    with pytest.raises(ConfigError, match="accumulate must be 'fp32' or 'fp64', got 'tf32'"):
+        common.accumulation_dtype("tf32")
+    results = {d: common.result_dtype(d) for d in
+               (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+    assert results == {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+                       torch.float32: torch.float32, torch.float64: torch.float64}
+    for dtype, expected in ((torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                            (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        assert common.at_least_float32(torch.zeros(1, dtype=dtype)).dtype == expected
+
+
+def test_gram_identities_against_the_materialised_float64_maps():
+    s, t = features((2, 5, 3, 4), torch.float64, zeros=True), features((2, 7, 3, 4), torch.float64,
+                                                                      seed=1)
+    fs, ft = reference.normalize_positions(s), reference.normalize_positions(t)
+    spatial = common.spatial_loss_from_grams(ft @ ft.mT, fs @ fs.mT, ft @ fs.mT, 12)
+    expected = (reference.spatial_similarity_map(s) - reference.spatial_similarity_map(t))
+    assert spatial.item() == pytest.approx(expected.square().mean().item(), rel=1e-12)
+    raw = s.flatten(2)
+    torch.testing.assert_close(common.channel_map_from_gram(raw @ raw.mT),
+                               reference.channel_similarity_map(s), rtol=1e-12, atol=1e-15)
+    q = s.flatten(1)
+    rows = q @ q.T
+    by_hand = rows / rows.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(common.batch_map_from_gram(rows), by_hand, rtol=1e-14, atol=0)

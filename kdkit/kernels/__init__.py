@@ -6,21 +6,27 @@
     triton      fused Triton kernels for the Grams, forward and backward (CUDA, or the
                 Triton interpreter on the CPU with ``TRITON_INTERPRET=1``)
 
-``backend="auto"`` picks ``triton`` for CUDA tensors when Triton is installed and
-``factored`` otherwise; the environment variable ``KDKIT_SIMILARITY_BACKEND`` overrides that
-choice. ``accumulate`` sets the precision of the Gram accumulation of ``factored`` and
-``triton`` (``"fp64"`` by default; see docs/kernels.md). ``reference`` computes in the
-inputs' precision (at least float32) and needs no such choice.
+The backends are registered in :data:`BACKENDS` (:mod:`kdkit.kernels.backends`: where each
+runs, how to call it); :mod:`kdkit.kernels.common` holds the precision rules and Gram
+identities they share. ``backend="auto"`` picks ``triton`` for CUDA tensors when Triton is
+installed and ``factored`` otherwise; the environment variable ``KDKIT_SIMILARITY_BACKEND``
+overrides that choice. ``accumulate`` sets the precision of the Gram accumulation of
+``factored`` and ``triton`` (``"fp64"`` by default; see docs/kernels.md). ``reference``
+computes in the inputs' precision (at least float32) and needs no such choice.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
-from kdkit.kernels import factored, reference
+from kdkit.kernels.backends import (
+    BACKENDS,
+    ENV_BACKEND,
+    Backend,
+    native_backends,
+    register_backend,
+    resolve_backend,
+)
 from kdkit.kernels.reference import (
     batch_similarity_map,
     channel_similarity_map,
@@ -33,7 +39,10 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_ACCUMULATE",
     "ENV_BACKEND",
+    "Backend",
     "describe_error",
+    "native_backends",
+    "register_backend",
     "resolve_backend",
     "triton_available",
     "batch_similarity",
@@ -47,14 +56,12 @@ __all__ = [
     "spatial_similarity_map",
 ]
 
-BACKENDS = ("reference", "factored", "triton")
 DEFAULT_ACCUMULATE = "fp64"
-ENV_BACKEND = "KDKIT_SIMILARITY_BACKEND"
 
 
 def triton_available() -> bool:
-    """Whether the ``triton`` package can be imported here."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the ``triton`` backend's package can be imported here."""
+    return BACKENDS["triton"].installed()
 
 
 def describe_error(error: BaseException, limit: int = 200) -> str:
@@ -64,53 +71,10 @@ def describe_error(error: BaseException, limit: int = 200) -> str:
     return f"{type(error).__name__}: {lines[0][:limit] if lines else ''}"
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """The concrete backend for ``backend`` (``"auto"`` or one of :data:`BACKENDS`) and
-    the device of ``tensor``; raises ``ValueError`` when it cannot run there."""
-    where = ""
-    if backend == "auto":
-        override = os.environ.get(ENV_BACKEND, "").strip()
-        if override:
-            backend, where = override, f" (from {ENV_BACKEND})"
-        else:
-            backend = "triton" if tensor.is_cuda and triton_available() else "factored"
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"unknown similarity backend {backend!r}{where}; choose 'auto' or one of "
-            f"{', '.join(BACKENDS)}"
-        )
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError(
-                f"the 'triton' similarity backend{where} needs the triton package, which is "
-                "not installed here; use backend='factored'"
-            )
-        if not tensor.is_cuda and not _interpreting():
-            raise ValueError(
-                f"the 'triton' similarity backend{where} runs on CUDA tensors (found "
-                f"{tensor.device}); set TRITON_INTERPRET=1 before importing kdkit to run its "
-                "kernels in the Triton interpreter, or use backend='factored'"
-            )
-    return backend
-
-
-def _triton():
-    from kdkit.kernels import triton_similarity
-
-    return triton_similarity
-
-
-def _dispatch(loss: str, student, teacher, backend: str, accumulate: str):
-    """Call ``loss`` (a function name shared by the backend modules) on ``backend``."""
-    backend = resolve_backend(backend, student)
-    if backend == "reference":
-        return getattr(reference, loss)(student, teacher)
-    module = factored if backend == "factored" else _triton()
-    return getattr(module, loss)(student, teacher, accumulate)
+def _dispatch(loss: str, student: torch.Tensor, teacher: torch.Tensor, backend: str,
+              accumulate: str) -> torch.Tensor:
+    """Call ``loss`` (a function name of the backend protocol) on ``backend``."""
+    return resolve_backend(backend, student)(loss, student, teacher, accumulate)
 
 
 def batch_similarity(student, teacher, backend="auto", accumulate=DEFAULT_ACCUMULATE):
@@ -131,9 +95,4 @@ def channel_similarity(student, teacher, backend="auto", accumulate=DEFAULT_ACCU
 def spatial_channel_similarity(student, teacher, backend="auto", accumulate=DEFAULT_ACCUMULATE):
     """``B×C×S…`` twice (same C and positions) → scalar: spatial plus channel loss. The
     ``triton`` backend reads each feature map once for both."""
-    backend = resolve_backend(backend, student)
-    if backend == "triton":
-        return _triton().spatial_channel_similarity(student, teacher, accumulate)
-    return spatial_similarity(student, teacher, backend, accumulate) + channel_similarity(
-        student, teacher, backend, accumulate
-    )
+    return _dispatch("spatial_channel_similarity", student, teacher, backend, accumulate)

@@ -19,20 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from kdkit.kernels import reference
-from kdkit.kernels.reference import EPS
-
-ACCUMULATE = {"fp32": torch.float32, "fp64": torch.float64}
-
-
-def accumulation_dtype(accumulate: str) -> torch.dtype:
-    """``"fp32"`` / ``"fp64"`` → the torch dtype; anything else is a ``ValueError``."""
-    if accumulate not in ACCUMULATE:
-        raise ValueError(f"accumulate must be 'fp32' or 'fp64', got {accumulate!r}")
-    return ACCUMULATE[accumulate]
-
-
-def _result_dtype(f: torch.Tensor) -> torch.dtype:
-    return torch.float64 if f.dtype == torch.float64 else torch.float32
+from kdkit.kernels.common import (
+    EPS,
+    accumulation_dtype,
+    batch_map_from_gram,
+    channel_map_from_gram,
+    result_dtype,
+    spatial_loss_from_grams,
+)
 
 
 def _position_normalised(f: torch.Tensor, dtype: torch.dtype):
@@ -40,10 +34,6 @@ def _position_normalised(f: torch.Tensor, dtype: torch.dtype):
     f = f.flatten(2).to(dtype)
     norms = f.square().sum(dim=1, keepdim=True).sqrt_()  # 3× faster than .norm(dim=1) here
     return f * (1 / (norms + EPS)), norms
-
-
-def _squared_norm(m: torch.Tensor) -> torch.Tensor:
-    return m.square().sum(dim=(1, 2))
 
 
 class _SpatialSimilarity(torch.autograd.Function):
@@ -54,11 +44,9 @@ class _SpatialSimilarity(torch.autograd.Function):
         fs, norms = _position_normalised(student, dtype)
         ft, _ = _position_normalised(teacher, dtype)
         kss, mts = fs @ fs.mT, ft @ fs.mT
-        batch, n = fs.shape[0], fs.shape[2]
-        per_image = _squared_norm(ft @ ft.mT) + _squared_norm(kss) - 2 * _squared_norm(mts)
         ctx.save_for_backward(fs, ft, norms, kss, mts)
         ctx.student_shape, ctx.student_dtype = student.shape, student.dtype
-        return per_image.sum() / (batch * n * n)
+        return spatial_loss_from_grams(ft @ ft.mT, kss, mts, fs.shape[2])
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -91,13 +79,7 @@ def spatial_similarity(student: torch.Tensor, teacher: torch.Tensor, accumulate:
         loss = _SpatialSimilarity.apply(student, teacher.detach(), dtype)
     else:
         loss = reference.spatial_similarity(student.to(dtype), teacher.to(dtype))
-    return loss.to(_result_dtype(student))
-
-
-def channel_map_from_gram(gram: torch.Tensor) -> torch.Tensor:
-    """Raw Gram ``G = F Fᵀ`` (``B×C×C``) → channel map ``G_ab / ((√G_aa + ε)(√G_bb + ε))``."""
-    norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt() + EPS
-    return gram / (norms[:, :, None] * norms[:, None, :])
+    return loss.to(result_dtype(student.dtype))
 
 
 def channel_similarity(student: torch.Tensor, teacher: torch.Tensor, accumulate: str = "fp64"):
@@ -107,7 +89,7 @@ def channel_similarity(student: torch.Tensor, teacher: torch.Tensor, accumulate:
     fs = student.flatten(2).to(dtype)
     ft = teacher.detach().flatten(2).to(dtype)
     loss = F.mse_loss(channel_map_from_gram(fs @ fs.mT), channel_map_from_gram(ft @ ft.mT))
-    return loss.to(_result_dtype(student))
+    return loss.to(result_dtype(student.dtype))
 
 
 def batch_similarity(student: torch.Tensor, teacher: torch.Tensor, accumulate: str = "fp64"):
@@ -115,8 +97,9 @@ def batch_similarity(student: torch.Tensor, teacher: torch.Tensor, accumulate: s
     (already small: the same computation as the reference, at the chosen precision)."""
     dtype = accumulation_dtype(accumulate)
 
-    def gram(f):
+    def batch_map(f):
         q = f.flatten(1).to(dtype)
-        return F.normalize(q @ q.t(), dim=1)
+        return batch_map_from_gram(q @ q.t())
 
-    return F.mse_loss(gram(student), gram(teacher.detach())).to(_result_dtype(student))
+    loss = F.mse_loss(batch_map(student), batch_map(teacher.detach()))
+    return loss.to(result_dtype(student.dtype))

@@ -1,13 +1,16 @@
 """The similarity maps of SPKD, materialised exactly as defined.
 
 A feature map is ``B×C×S…`` (``S…`` any spatial dims, ``N`` their product). Half-precision
-inputs are computed in float32.
+inputs are computed in float32. A backend module (:mod:`kdkit.kernels.backends`): these
+functions take no ``accumulate``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from kdkit.kernels.common import EPS, at_least_float32, batch_map_from_gram
 
 __all__ = [
     "batch_similarity_map",
@@ -18,13 +21,9 @@ __all__ = [
     "channel_similarity",
 ]
 
-EPS = 1e-7  # added to every L2 norm of the spatial and channel normalisations
-
-
 def _flat(f: torch.Tensor) -> torch.Tensor:
     """``B×C×S…`` → ``B×C×N`` in at least float32."""
-    f = f.flatten(2)
-    return f.float() if f.dtype in (torch.float16, torch.bfloat16) else f
+    return at_least_float32(f.flatten(2))
 
 
 def normalize_positions(f: torch.Tensor) -> torch.Tensor:
@@ -41,9 +40,8 @@ def normalize_channels(f: torch.Tensor) -> torch.Tensor:
 
 def batch_similarity_map(f: torch.Tensor) -> torch.Tensor:
     """``B×…`` → ``B×B``: ``G = Q Qᵀ`` with ``Q = f.view(B, -1)``, rows L2-normalised."""
-    q = f.flatten(1)
-    q = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
-    return F.normalize(q @ q.t(), dim=1)
+    q = at_least_float32(f.flatten(1))
+    return batch_map_from_gram(q @ q.t())
 
 
 def spatial_similarity_map(f: torch.Tensor) -> torch.Tensor:

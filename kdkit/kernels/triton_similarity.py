@@ -37,8 +37,14 @@ import triton.language as tl
 
 from kdkit.errors import KernelFailure
 from kdkit.kernels import describe_error
-from kdkit.kernels.factored import accumulation_dtype, channel_map_from_gram
-from kdkit.kernels.reference import EPS
+from kdkit.kernels.common import (
+    EPS,
+    accumulation_dtype,
+    batch_map_from_gram,
+    channel_map_from_gram,
+    result_dtype,
+    spatial_loss_from_grams,
+)
 
 __all__ = [
     "stacked_gram",
@@ -62,13 +68,6 @@ def launch_dtype(dtype: torch.dtype, acc_dtype: torch.dtype) -> torch.dtype:
     if narrow and acc_dtype == torch.float64 and NARROW_FP64_DOT_BROKEN:
         return torch.float32
     return dtype
-
-
-def stored_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What the backward stores ``g = W Ĥ`` in for a student of ``dtype``: the sum is formed
-    in the accumulation dtype inside the kernel, but once formed needs only the result's
-    precision: float32, or float64 for a float64 student."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _block(size: int, cap: int) -> int:
@@ -449,7 +448,9 @@ class _StackedGram(torch.autograd.Function):
         wn = student_rows(grad_normalised) if normalise else rs
         wr = student_rows(grad_raw) if raw else rs
         dev = student.device
-        store_dtype = stored_dtype(student.dtype)
+        # g = W Ĥ is formed in the accumulation dtype inside the kernel, but once formed
+        # needs only the result's precision
+        store_dtype = result_dtype(student.dtype)
         grad_student = torch.empty(batch, cs, n, device=dev, dtype=student.dtype)
         gn = torch.empty(batch, cs, n, device=dev, dtype=store_dtype) if normalise else rs
         if not raw:
@@ -499,15 +500,9 @@ def stacked_gram(
     return _StackedGram.apply(student, teacher, normalise, raw, acc_dtype)
 
 
-def _result_dtype(f: torch.Tensor) -> torch.dtype:
-    return torch.float64 if f.dtype == torch.float64 else torch.float32
-
-
 def _spatial_from_gram(gram: torch.Tensor, ct: int, n: int) -> torch.Tensor:
-    ktt, mts, kss = gram[:, :ct, :ct], gram[:, :ct, ct:], gram[:, ct:, ct:]
-    per_image = (ktt.square().sum((1, 2)) + kss.square().sum((1, 2))
-                 - 2 * mts.square().sum((1, 2)))
-    return per_image.sum() / (gram.shape[0] * n * n)
+    """The spatial loss from the normalised Gram of the stacked ``[teacher; student]``."""
+    return spatial_loss_from_grams(gram[:, :ct, :ct], gram[:, ct:, ct:], gram[:, :ct, ct:], n)
 
 
 def _channel_from_grams(student_gram: torch.Tensor, teacher_gram: torch.Tensor):
@@ -519,7 +514,7 @@ def spatial_similarity(student, teacher, accumulate="fp64"):
     """MSE between the ``B×N×N`` spatial maps from one normalised stacked Gram."""
     gram, _ = stacked_gram(student, teacher, normalise=True, accumulate=accumulate)
     n = _flat(student).shape[2]
-    return _spatial_from_gram(gram, teacher.shape[1], n).to(_result_dtype(student))
+    return _spatial_from_gram(gram, teacher.shape[1], n).to(result_dtype(student.dtype))
 
 
 def channel_similarity(student, teacher, accumulate="fp64"):
@@ -529,7 +524,7 @@ def channel_similarity(student, teacher, accumulate="fp64"):
     with torch.no_grad():
         _, teacher_gram = stacked_gram(teacher, None, normalise=False, raw=True,
                                        accumulate=accumulate)
-    return _channel_from_grams(student_gram, teacher_gram).to(_result_dtype(student))
+    return _channel_from_grams(student_gram, teacher_gram).to(result_dtype(student.dtype))
 
 
 def spatial_channel_similarity(student, teacher, accumulate="fp64"):
@@ -539,7 +534,7 @@ def spatial_channel_similarity(student, teacher, accumulate="fp64"):
     c, n = teacher.shape[1], _flat(student).shape[2]
     spatial = _spatial_from_gram(normalised, c, n)
     channel = _channel_from_grams(raw[:, c:, c:], raw[:, :c, :c])
-    return (spatial + channel).to(_result_dtype(student))
+    return (spatial + channel).to(result_dtype(student.dtype))
 
 
 def batch_similarity(student, teacher, accumulate="fp64"):
@@ -550,6 +545,5 @@ def batch_similarity(student, teacher, accumulate="fp64"):
     with torch.no_grad():
         _, teacher_gram = stacked_gram(teacher.reshape(1, teacher.shape[0], -1), None,
                                        normalise=False, raw=True, accumulate=accumulate)
-    s = torch.nn.functional.normalize(student_gram[0], dim=1)
-    t = torch.nn.functional.normalize(teacher_gram[0], dim=1)
-    return (s - t).square().mean().to(_result_dtype(student))
+    s, t = batch_map_from_gram(student_gram[0]), batch_map_from_gram(teacher_gram[0])
+    return (s - t).square().mean().to(result_dtype(student.dtype))
