@@ -290,6 +290,7 @@ class TrainSettings:
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"
+    log: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl | tensorboard
 
 
 @dataclass
@@ -339,6 +340,7 @@ register_checks(
     eval_every=Range(0, note="0: at the end only"),
     log_every=Range(1),
     num_workers=Range(0),
+    log=OneOf(("jsonl", "tensorboard")),
 )
 register_checks(RunConfig, sparsity=Range(0, note="the L1 weight on BatchNorm γ per prefix"))
 register_checks(DistillTerm, weight=Range(
