@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from kdkit.capture import FeatureRecorder, FeatureRef, UnknownModuleError, resolve_module
+from kdkit.errors import ConfigError, KdkitError
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +128,9 @@ def test_unknown_name_lists_closest_names(resnet):
     with pytest.raises(UnknownModuleError, match="closest valid names: layer2") as info:
         FeatureRecorder(["layr2"]).initialize(resnet)
     assert "ResNet" in str(info.value)
+    # the command line prints a KdkitError's str() as its one line: no KeyError quotes
+    assert isinstance(info.value, KdkitError) and isinstance(info.value, KeyError)
+    assert str(info.value).startswith("model (ResNet) has no submodule named 'layr2'")
     with pytest.raises(RuntimeError, match="initialize"):
         with FeatureRecorder(["layer2"]):
             pass
@@ -152,7 +156,7 @@ def test_feature_ref_parsing():
     assert FeatureRef.parse("blocks.0[1]") == FeatureRef("blocks.0", 1)
     assert FeatureRef.parse("x[-2]") == FeatureRef("x", -2)
     assert str(FeatureRef("x", 3)) == "x[3]"
-    with pytest.raises(ValueError, match="call index"):
+    with pytest.raises(ConfigError, match="call index"):
         FeatureRef.parse("x[1")
 
 
