@@ -282,3 +282,15 @@ def test_without_the_check_a_nan_feature_passes_silently():
     distiller, x = make()
     poison(distiller.student[0][2], float("nan"))  # the last op of block "0"
     assert torch.isnan(distiller(x).losses["total"])
+
+
+class Refuses(L.DistillationLoss):
+    def forward(self, student, teacher):
+        raise ValueError("my loss wants something else")
+
+
+def test_a_user_losss_own_value_error_keeps_its_type_and_names_the_term():
+    with pytest.raises(ValueError, match="my loss wants") as info:
+        make([DistillTerm(Refuses(), student="0", teacher="0", name="mine")])
+    assert not isinstance(info.value, ConfigError)
+    assert info.value.__notes__ == ["in distillation term 'mine'"]
