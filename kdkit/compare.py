@@ -136,27 +136,36 @@ def _with_teacher(config: CompareConfig, data: dict) -> dict:
     return data
 
 
-def _prune_job(config: CompareConfig, spec: dict, seed: int) -> tuple:
-    """(prune config for :func:`kdkit.dcp.prune_run`, the pruned model's spec) of a
-    method with a ``prune:`` block: ``{sparse: <overrides of base for the sparsify run>,
-    fractions, ignored, input_size, reinit}``. ``sparse.model: teacher`` sparsifies the
-    teacher's architecture (DCP's full-width student), fresh. Methods whose blocks differ
-    only in ``reinit`` share one sparsify run and pruned model per seed, in
-    ``out_dir/pruned/<hash of the block>/seed<k>/``."""
-    prune = dict(spec)
-    reinit = prune.pop("reinit", True)
-    folder = hashlib.sha1(json.dumps(prune, sort_keys=True).encode()).hexdigest()[:10]
-    shared = Path(config.out_dir) / "pruned" / folder / f"seed{seed}"
-    overrides = dict(prune.pop("sparse", {}))
+def _sparse_run(config: CompareConfig, overrides: dict) -> dict:
+    """The sparsify run's config data (without ``out_dir`` and seed): ``overrides`` merged
+    into the base, a ``model`` replaced whole (``teacher``: the teacher's architecture),
+    and the teacher when its terms need one."""
     sparse = deep_merge(config.base, {k: v for k, v in overrides.items() if k != "model"})
     if overrides.get("model") == "teacher":
         sparse["model"] = copy.deepcopy(config.teacher["model"])
     elif "model" in overrides:  # a model is replaced whole, never merged with the base's
         sparse["model"] = copy.deepcopy(overrides["model"])
-    sparse.update(task=config.task, out_dir=str(shared / "sparse"))
+    sparse["task"] = config.task
+    return _with_teacher(config, sparse)
+
+
+def _prune_job(config: CompareConfig, spec: dict, seed: int) -> tuple:
+    """(prune config for :func:`kdkit.dcp.prune_run`, the pruned model's spec) of a
+    method with a ``prune:`` block: ``{sparse: <overrides of base for the sparsify run>,
+    fractions, ignored, input_size, reinit}``. ``sparse.model: teacher`` sparsifies the
+    teacher's architecture (DCP's full-width student), fresh. The sparsify run and pruned
+    model live in ``out_dir/pruned/<hash>/seed<k>/``, the hash of everything that makes
+    them (the whole sparsify run's config and the pruning settings): methods that differ
+    only in ``reinit`` share them, and a change to the base makes new ones."""
+    prune = dict(spec)
+    reinit = prune.pop("reinit", True)
+    sparse = _sparse_run(config, dict(prune.pop("sparse", {})))
+    made_of = json.dumps({"sparse": sparse, **prune}, sort_keys=True, default=str)
+    shared = (Path(config.out_dir) / "pruned" / hashlib.sha1(made_of.encode()).hexdigest()[:10]
+              / f"seed{seed}")
+    sparse["out_dir"] = str(shared / "sparse")
     sparse.setdefault("train", {})["seed"] = seed
-    job = {"task": config.task, "sparse": _with_teacher(config, sparse),
-           "output": str(shared / "pruned.pt"), **prune}
+    job = {"task": config.task, "sparse": sparse, "output": str(shared / "pruned.pt"), **prune}
     return job, {**sparse["model"], "pruned": job["output"], "reinit": reinit}
 
 

@@ -84,6 +84,21 @@ def test_w2_sweep_scales_feature_terms_and_names_runs(tmp_path):
     assert runs["student"].distillation is None
 
 
+def test_pruned_models_are_shared_only_by_identical_sparsify_runs(tmp_path):
+    methods = {"student": METHODS["student"],
+               "dcp": {"prune": {"sparse": {"sparsity": {"conv": 1e-4}}}}}
+    path = compare_config(tmp_path)
+    (tmp_path / "methods.yaml").write_text(yaml.safe_dump(methods))
+    config = load_compare_config(path)
+
+    def pruned_output(config):
+        return [job["output"] for _, _, _, job in method_runs(config) if job][0]
+
+    before = pruned_output(config)
+    config.base["train"]["lr"] = 0.5  # the sparsify run changes: a new pruned model
+    assert pruned_output(config) != before
+
+
 def test_bad_compare_configs_are_explained(tmp_path):
     with pytest.raises(ConfigError, match="baseline 'plain'"):
         load_compare_config(compare_config(tmp_path, baseline="plain"))
