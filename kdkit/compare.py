@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from kdkit.checkpoint import load_weights, resolve_path
-from kdkit.config import from_mapping, load_yaml, run_config_from_mapping
+from kdkit.config import RunConfig, from_mapping, load_yaml, run_config_from_mapping
 from kdkit.dcp import prune_run
 from kdkit.errors import ConfigError
 from kdkit.report import ModelResult, check_metric_names, report_settings, write_compare_report
@@ -36,6 +36,7 @@ from kdkit.train import (
     test_batches,
     train,
 )
+from kdkit.training.folder import RunFolder, resume_problems
 
 __all__ = ["CompareConfig", "evaluation_key", "load_compare_config", "method_runs",
            "needs_teacher", "run_compare"]
@@ -196,10 +197,15 @@ def method_runs(config: CompareConfig, w2: float | None = None) -> list[tuple]:
     return runs
 
 
-def _finished(run_dir: Path, steps: int) -> bool:
-    """Whether the run saved its final weights and its final evaluation."""
-    return (run_dir / WEIGHTS).exists() and any(
-        r["step"] == steps for r in read_log(run_dir, "eval"))
+def _finished(run: RunConfig) -> bool:
+    """Whether ``run``'s folder holds it finished: its final weights and final evaluation,
+    made with this config (up to what :mod:`kdkit.training.folder` deems safe to change).
+    A folder made with another config is not finished: :func:`kdkit.train.train` then
+    resumes it or says which keys differ."""
+    folder = RunFolder(Path(run.out_dir), writes=False)
+    saved = folder.saved_config() if folder.weights.exists() else None
+    return (saved is not None and not resume_problems(saved, run, run.train.steps)
+            and any(r["step"] == run.train.steps for r in read_log(folder.path, "eval")))
 
 
 @torch.no_grad()
@@ -278,12 +284,12 @@ def _train_missing(config: CompareConfig, task: Task, runs: list, jobs: dict,
     """Train the teacher (when trained here) and every run that has not finished; a
     pruning method's sparsify run and pruned model first when missing."""
     teacher = teacher_run(config)
-    if teacher is not None and not _finished(Path(teacher.out_dir), teacher.train.steps):
+    if teacher is not None and not _finished(teacher):
         if progress:
             print(f"training the teacher → {teacher.out_dir}")
         train(teacher, task, progress=progress)
     for label, seed, run in runs:
-        if _finished(Path(run.out_dir), run.train.steps):
+        if _finished(run):
             if progress:
                 print(f"reusing {run.out_dir}")
             continue

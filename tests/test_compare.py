@@ -14,6 +14,7 @@ from kdkit.cli import main
 from kdkit.compare import load_compare_config, method_runs
 from kdkit.config import ConfigError, run_config_from_mapping
 from kdkit.report import bootstrap_interval
+from kdkit.training.folder import RunFolder
 
 NARROW = {"name": "dim", "encoder_channels": [[4], [8], [8], [16], [16]],
           "decoder_channels_dim": [16, 8, 8, 4, 1], "adapter_channels": [16, 16, 16, 16]}
@@ -97,6 +98,21 @@ def test_pruned_models_are_shared_only_by_identical_sparsify_runs(tmp_path):
     before = pruned_output(config)
     config.base["train"]["lr"] = 0.5  # the sparsify run changes: a new pruned model
     assert pruned_output(config) != before
+
+
+def test_a_finished_run_is_reused_only_with_the_config_it_was_made_with(tmp_path):
+    run = run_config_from_mapping({"task": "toy_task:ToyTask", "model": {"width": 4},
+                                   "out_dir": str(tmp_path / "run"), "train": {"steps": 4}})
+    folder = RunFolder(tmp_path / "run", writes=True)
+    folder.path.mkdir()
+    folder.write_config(run)
+    save_atomic({"model": ToyNet(4).state_dict()}, folder.weights)
+    (folder.path / "log.jsonl").write_text(json.dumps({"kind": "eval", "step": 4}) + "\n")
+    assert compare._finished(run)
+    run.train.log_every = 1  # safe to change
+    assert compare._finished(run)
+    run.train.lr = 0.5  # the weights were not made with this
+    assert not compare._finished(run)
 
 
 def test_bad_compare_configs_are_explained(tmp_path):
