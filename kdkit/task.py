@@ -31,7 +31,10 @@ class Task(Protocol):
     - a task loss weight named ``teacher_*`` (in the config's ``loss:``) is a term against
       the teacher's prediction: runs that set one are given the teacher;
     - ``primary_metric`` is ``(metric name, "lower" | "higher")``: the comparison report
-      ranks and tests methods on it (a compare config's ``report.primary`` overrides it).
+      ranks and tests methods on it (a compare config's ``report.primary`` overrides it);
+    - optional ``metric_units`` (``{metric name: unit}``, e.g. ``{"SAD": "sum ÷ 1000"}``):
+      the report's headers state them; optional ``metrics_version`` (an int, 1 when
+      absent): bump it when the metrics change, so cached per-image metrics are recomputed.
     """
 
     primary_metric: tuple[str, str]
