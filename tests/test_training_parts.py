@@ -126,6 +126,18 @@ def test_no_resume_deletes_checkpoint_weights_and_log_only(tmp_path):
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
 
 
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """What an interrupted run logged after its checkpoint is dropped on resume."""
+    _train(toy_run(tmp_path / "run", steps=4, schedule="constant"))
+    with open(tmp_path / "run" / "log.jsonl", "a") as log:  # logged, then killed
+        log.write('{"kind": "train", "step": 5, "total": -1.0}\n')
+    _train(toy_run(tmp_path / "run", steps=6, schedule="constant"))
+    records = read_log(tmp_path / "run", "train")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["total"] > 0 for r in records)
+    assert [r["step"] for r in read_log(tmp_path / "run", "eval")] == [4, 6]
+
+
 # -- checkpoint state, part by part -------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ __all__ = ["CHECKPOINT", "CONFIG", "SAFE_TO_CHANGE", "WEIGHTS", "RunFolder", "co
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.pt"
 CONFIG = "config.yaml"
+ABSENT = "<absent>"  # a key one of two compared configs lacks
 
 #: Config keys (and everything under them) that a resumed run may change: they change
 #: neither the steps taken so far nor the steps to come.
@@ -54,9 +55,6 @@ def _flat(value: Any, key: str = "") -> dict[str, Any]:
         return {k: v for i, item in enumerate(value)
                 for k, v in _flat(item, f"{key}[{i}]").items()}
     return {key: value}
-
-
-ABSENT = "<absent>"
 
 
 def config_changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
@@ -140,6 +138,7 @@ class RunFolder:
             remove_logs(self.path)
 
     def write_config(self, config: RunConfig) -> None:
+        """Write ``config`` as the folder's ``config.yaml``."""
         if self.writes:
             self.config.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 

@@ -127,6 +127,7 @@ class Run:
 
     @property
     def finished(self) -> bool:
+        """Whether the run has taken its ``train.steps``."""
         return self.step >= self.settings.steps
 
     def prepare(self, batch: Any) -> Any:
@@ -209,7 +210,7 @@ def _distiller(run: RunConfig, task: Task, teacher: nn.Module, student: nn.Modul
                      example_inputs=task.model_inputs(example))
 
 
-def seed_training_stream(seed: int, rank: int) -> None:
+def _seed_training_stream(seed: int, rank: int) -> None:
     """Seed torch's global generator (and CUDA's) for process ``rank``'s training draws
     (dropout and the like), keyed to ``(seed, rank)``: processes draw different streams."""
     torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
@@ -230,6 +231,6 @@ def build_run(config: RunConfig, task: Task, world: World) -> Run:
     optimizer = _optimizer(parameters, settings)
     scaler = torch.amp.GradScaler(  # loss scaling for fp16 only
         device.type, enabled=amp_enabled(settings, device) and settings.amp_dtype == "fp16")
-    seed_training_stream(settings.seed, world.rank)
+    _seed_training_stream(settings.seed, world.rank)
     return Run(config, task, world, data, model, student, teacher, distiller, parameters,
                extras, optimizer, _schedule(optimizer, settings), scaler)
