@@ -21,7 +21,7 @@ import itertools
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,15 @@ from kdkit.provenance import provenance, provenance_line  # noqa: E402
 from kdkit.pruning import count_parameters_and_flops  # noqa: E402
 from kdkit.train import WEIGHTS, build_model, read_log, test_batches  # noqa: E402
 
-__all__ = ["CompareReport", "ModelCost", "ModelResult", "ReportSettings", "Stat",
-           "bootstrap_interval", "build_report", "column_digits", "render_markdown",
-           "report_settings", "training_curves", "verdicts", "write_compare_report", "write_csv"]
+__all__ = ["CompareReport", "MethodRow", "ModelCost", "ModelResult", "ReportSettings", "SeedRow",
+           "Stat", "bootstrap_interval", "build_report", "check_metric_names", "column_digits",
+           "figure_bars", "figure_curves", "figure_examples", "render_markdown",
+           "render_table", "report_settings", "training_curves", "verdicts",
+           "write_compare_report", "write_csv"]
 
 BOOTSTRAP_SAMPLES = 10_000
-SIGNIFICANT_DIGITS = {"metric": 4, "cost": 3}  # of a column's largest value
+# significant digits of a column's largest value: metrics, then costs and intervals
+METRIC_DIGITS, OTHER_DIGITS = 4, 3
 
 
 @dataclass
@@ -301,9 +304,11 @@ def _steps(results: list[ModelResult]) -> list[int]:
 def build_report(config, task, results: list[ModelResult], settings: ReportSettings,
                  images: int, device) -> CompareReport:
     """The report's numbers: per-seed rows, per-method rows with seed statistics, costs and
-    the paired interval against ``config.baseline`` on the primary metric."""
+    the paired interval against ``config.baseline`` on the primary metric (the first
+    metric when neither the task nor ``report.primary`` names one)."""
     metric_names = settings.columns or list(results[0].per_image[0])
     check_metric_names(settings, list(results[0].per_image[0]))
+    settings = replace(settings, primary=settings.primary or metric_names[0])
     costs, runtime = _costs(task, results, settings)
     cost_of = {id(r): costs[_spec_key(r.model_spec)] for r in results}
     paired = _paired(results, config.baseline, settings.primary)
@@ -353,18 +358,18 @@ def _delta_cell(delta: tuple[float, float, float] | None, digits: int) -> str:
 
 def _metric_column(report: CompareReport, metric: str) -> list[str]:
     stats = [row.metrics[metric] for row in report.rows]
-    digits = column_digits([s.mean for s in stats], SIGNIFICANT_DIGITS["metric"])
+    digits = column_digits([s.mean for s in stats], METRIC_DIGITS)
     return [_stat_cell(s, digits) for s in stats]
 
 
 def _cost_column(values: list[float | None]) -> list[str]:
-    digits = column_digits(values, SIGNIFICANT_DIGITS["cost"])
+    digits = column_digits(values, OTHER_DIGITS)
     return [_number(v, digits) for v in values]
 
 
 def _delta_column(report: CompareReport) -> list[str]:
     deltas = [row.delta for row in report.rows]
-    digits = column_digits([v for d in deltas if d for v in d], SIGNIFICANT_DIGITS["cost"])
+    digits = column_digits([v for d in deltas if d for v in d], OTHER_DIGITS)
     return [_delta_cell(d, digits) for d in deltas]
 
 

@@ -119,6 +119,16 @@ def test_report_settings_are_checked_when_read():
     assert report_settings({}, ToyTask()).primary == "mse"
 
 
+class NoPrimaryTask:
+    build_model, flops_inputs = ToyTask.build_model, ToyTask.flops_inputs
+
+
+def test_without_a_primary_metric_the_first_metric_is_ranked(tmp_path):
+    report = _report(tmp_path, NoPrimaryTask())
+    assert report.settings.primary == "mse" and report.settings.better == "lower"
+    assert "Δmse vs student" in render_table(report)[0]
+
+
 def test_unknown_report_columns_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="'SAD'"):
         _report(tmp_path, columns=["mse", "SAD"])
