@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/synthetic_speed.py [--task matting|segmentation]
         [--size 512] [--samples 50]
 
-Prints the median and 95th-percentile milliseconds per sample (threads pinned to one)."""
+Prints the median and 95th-percentile milliseconds per sample (threads pinned to one)
+and the kdkit commit and library versions."""
 
 import argparse
 import platform
@@ -13,6 +14,7 @@ import time
 import cv2
 import torch
 
+from kdkit.provenance import provenance_line
 from tasks.matting.data import synthesize
 from tasks.segmentation.data import synthesize_scene
 
@@ -38,7 +40,7 @@ def main() -> None:
     p95 = times[int(0.95 * (len(times) - 1))]
     print(f"{args.task}: {args.size}² synthetic sample on one core of {platform.machine()}: "
           f"median {statistics.median(times):.1f} ms, p95 {p95:.1f} ms over {args.samples} "
-          "seeds")
+          f"seeds; {provenance_line()}")
 
 
 if __name__ == "__main__":
