@@ -59,6 +59,8 @@ def train(run: RunConfig, task: Task, resume: bool = True, progress: bool = True
 
 def _train(config: RunConfig, task: Task, folder: RunFolder, resume: bool, progress: bool,
            world: World) -> dict:
+    """Check the folder, build the run and restore its checkpoint, write the config, then
+    train to ``train.steps`` (a run that had finished returns its logged final metrics)."""
     state = folder.resume_state(config, resume, world.device)
     run = build_run(config, task, world)
     if state is not None:
