@@ -28,8 +28,11 @@ class Task(Protocol):
     A batch is whatever the task's datasets yield after default collation (usually a dict
     of tensors). Conventions the core relies on:
 
-    - a task loss weight named ``teacher_*`` (in the config's ``loss:``) is a term against
-      the teacher's prediction: runs that set one are given the teacher;
+    - :meth:`losses` names each term as its weight in the config's ``loss:`` (``alpha``
+      weighted by ``loss.alpha``); the log's ``task_loss`` divides each weight back out,
+      so it compares across methods;
+    - a task loss weight named ``teacher_*`` is a term against the teacher's prediction:
+      runs that set one are given the teacher (``task_loss`` leaves it out);
     - ``primary_metric`` is ``(metric name, "lower" | "higher")``: the comparison report
       ranks and tests methods on it (a compare config's ``report.primary`` overrides it);
     - optional ``metric_units`` (``{metric name: unit}``, e.g. ``{"SAD": "sum ÷ 1000"}``):

@@ -91,7 +91,7 @@ def _final_metrics_logged(run: Run, folder: RunFolder) -> dict[str, float] | Non
 
 def _train_record(run: Run, result: StepResult, pace: Pace) -> dict:
     """The ``kind: train`` log record of the step just taken."""
-    return {"kind": "train", "step": run.step, **result.values(),
+    return {"kind": "train", "step": run.step, **result.values(run.config.loss),
             "lr": run.schedule.get_last_lr()[0], "ms_per_step": pace.lap(run.step)}
 
 

@@ -21,7 +21,7 @@ from kdkit.training.folder import resume_problems
 from kdkit.training.run import build_run
 from kdkit.training.runlog import Pace
 from kdkit.training.state import checkpoint_state, restore_state
-from kdkit.training.step import train_step
+from kdkit.training.step import ground_truth_loss, train_step
 
 
 def _train(run: dict, **options) -> dict:
@@ -198,18 +198,25 @@ def test_ms_per_step_counts_the_steps_since_the_last_log(tmp_path, monkeypatch):
     assert [r["ms_per_step"] for r in records] == pytest.approx([1e3 / 4, 1e3 / 2])
 
 
-def test_train_records_carry_the_task_loss_without_distillation_terms(tmp_path):
+def test_train_records_carry_the_unweighted_task_loss_without_distillation_terms(tmp_path):
     teacher = tmp_path / "teacher.pt"
     save_atomic({"model": ToyNet(8).state_dict()}, teacher)
     run = toy_run(tmp_path / "run", steps=2)
+    run["loss"] = {"mse": 0.25}
     run["teacher"] = {"model": {"width": 8}, "checkpoint": str(teacher)}
     run["distillation"] = [{"loss": "channel_similarity", "student": "body",
                             "teacher": "body", "adapter": "conv1x1", "weight": 5.0}]
     _train(run)
     for record in read_log(tmp_path / "run", "train"):
-        assert record["task_loss"] == pytest.approx(record["mse"])
+        assert record["task_loss"] == pytest.approx(record["mse"] / 0.25)
         assert record["total"] == pytest.approx(record["mse"] + record["channel_similarity:body"])
-        assert record["total"] > record["task_loss"]
+
+
+def test_ground_truth_loss_undoes_each_weight_and_leaves_teacher_terms_out():
+    terms = {"alpha": torch.tensor(0.5 * 3.0), "composition": torch.tensor(2.0),
+             "teacher_alpha": torch.tensor(0.5 * 7.0)}
+    spec = {"alpha": 0.5, "teacher_alpha": 0.5}  # composition: unnamed, weight 1
+    assert float(ground_truth_loss(terms, spec)) == pytest.approx(3.0 + 2.0)
 
 
 def test_tensorboard_gets_the_same_scalars_as_the_jsonl_log(tmp_path):

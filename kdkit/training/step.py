@@ -19,18 +19,18 @@ from kdkit.errors import NonFiniteLossError
 from kdkit.pruning import bn_l1_penalty
 from kdkit.training.run import Run
 
-__all__ = ["MAX_CONSECUTIVE_SKIPS", "StepResult", "loss_terms", "train_step"]
+__all__ = ["MAX_CONSECUTIVE_SKIPS", "StepResult", "ground_truth_loss", "loss_terms", "train_step"]
 
 MAX_CONSECUTIVE_SKIPS = 10
 
 
 @dataclass
 class StepResult:
-    """A step's loss terms: ``task_terms`` are the task's own losses (their sum,
-    ``task_loss``, compares across methods); ``extra_terms`` the distillation terms and
-    ``bn_l1``. ``total`` is what was minimised; ``skipped``: it was not finite somewhere
-    (on some process), so no update was made; ``nonfinite`` names the terms that were not
-    finite here."""
+    """A step's loss terms: ``task_terms`` are the task's own losses (weighted; see
+    :func:`ground_truth_loss` for the comparable ``task_loss``), ``extra_terms`` the
+    distillation terms and ``bn_l1``. ``total`` is what was minimised; ``skipped``: it was
+    not finite somewhere (on some process), so no update was made; ``nonfinite`` names the
+    terms that were not finite here."""
 
     task_terms: dict[str, torch.Tensor]
     extra_terms: dict[str, torch.Tensor]
@@ -43,14 +43,24 @@ class StepResult:
         """Every named term (a distillation term shadows a task term of the same name)."""
         return {**self.task_terms, **self.extra_terms}
 
-    @property
-    def task_loss(self) -> torch.Tensor:
-        return sum(self.task_terms.values(), torch.zeros((), device=self.total.device))
-
-    def values(self) -> dict[str, float]:
-        """``total``, ``task_loss`` and every term as plain floats (a host sync)."""
-        return {"total": self.total.item(), "task_loss": self.task_loss.item(),
+    def values(self, loss_spec: dict[str, Any]) -> dict[str, float]:
+        """``total``, ``task_loss`` (:func:`ground_truth_loss` under ``loss_spec``, the
+        run's ``loss:`` weights) and every term as plain floats (a host sync)."""
+        return {"total": self.total.item(),
+                "task_loss": ground_truth_loss(self.task_terms, loss_spec).item(),
                 **{name: value.item() for name, value in self.terms.items()}}
+
+
+def ground_truth_loss(task_terms: dict[str, torch.Tensor],
+                      loss_spec: dict[str, Any]) -> torch.Tensor:
+    """The task's terms against the ground truth, unweighted: each term not named
+    ``teacher_*`` divided by its weight in ``loss_spec`` (a term absent from it counts
+    with weight 1; see :class:`kdkit.task.Task`). A method's own weights (``alpha: 0.5``
+    beside ``teacher_alpha: 0.5``) then leave it unchanged, so its curve compares across
+    methods. Scalar tensors → scalar tensor."""
+    parts = [value / float(loss_spec.get(name, 1.0)) for name, value in task_terms.items()
+             if not name.startswith("teacher_")]
+    return sum(parts, torch.zeros(()))
 
 
 def loss_terms(run: Run, batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
