@@ -251,7 +251,8 @@ def run_case(case, backend, accumulate, device, ceilings, repeats, dtype=torch.f
     other error a result marked ``failed: …`` (the run goes on to the next case)."""
     shape = " + ".join(f"{b}×{cs}/{ct}×{n}" for b, cs, ct, n in case.layers)
     result = Result(str(device), case.name, case.loss, shape, backend,
-                    "n/a" if backend == "reference" else accumulate, None, None, None)
+                    accumulate if kernels.BACKENDS[backend].accumulates else "n/a",
+                    None, None, None)
     if backend == "reference" and case.reference_bytes() > 0.8 * _available_bytes(device):
         result.note = f"OOM (maps need ~{case.reference_bytes() / 2**30:.0f} GiB)"
         return result
@@ -295,7 +296,8 @@ def run_benchmarks(device: torch.device, batch: int, repeats: int, backends, acc
     for case in cases or paper_cases(batch):
         reference = None
         for backend in backends:
-            for accumulate in (["fp32"] if backend == "reference" else accumulates):
+            for accumulate in (accumulates if kernels.BACKENDS[backend].accumulates
+                               else ["fp32"]):
                 result = run_case(case, backend, accumulate, device, ceilings, repeats)
                 if backend == "reference":
                     reference = result

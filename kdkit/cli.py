@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     from kdkit.kernels import BACKENDS as SIMILARITY_BACKENDS
 
     kernels = targets.add_parser(
-        "kernels", help="time the similarity backends at the papers' shapes, write a table"
-    )
+        "kernels", help="time the similarity backends at the papers' shapes, write a table",
+        parents=[debug])
     kernels.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     kernels.add_argument("--batch", type=int, help="default: 16 on cuda, 2 on cpu")
     kernels.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
@@ -231,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(train, checkpoint=False)
     train.add_argument("--out", help="output folder (overrides out_dir)")
     train.add_argument("--no-resume", action="store_true",
-                       help="start over: delete this run folder's checkpoint, weights and log "
-                            "first (needed when the config changed in more than the safe keys)")
+                       help="start over: delete this run folder's checkpoint, weights and "
+                            "logs (log.jsonl, tensorboard/) first (needed when the config "
+                            "changed in more than the safe keys)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate trained weights on the test set",

@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "KernelFailure",
+    "MissingFileError",
     "NonFiniteLossError",
     "RunFolderError",
 ]
@@ -29,6 +30,10 @@ class ConfigError(KdkitError, ValueError):
 
 class DataError(KdkitError, ValueError):
     """A dataset, file or sample that cannot be used as it is."""
+
+
+class MissingFileError(DataError, FileNotFoundError):
+    """A data file or folder that does not exist (a :class:`FileNotFoundError` too)."""
 
 
 class CheckpointError(KdkitError, ValueError):

@@ -73,8 +73,9 @@ def test_predict_takes_guide_only_and_train_explains_no_resume(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert ("--no-resume start over: delete this run folder's checkpoint, weights and log "
-            "first (needed when the config changed in more than the safe keys)") in text
+    assert ("--no-resume start over: delete this run folder's checkpoint, weights and logs "
+            "(log.jsonl, tensorboard/) first (needed when the config changed in more than the "
+            "safe keys)") in text
 
 
 def test_quiet_train_still_prints_the_final_metrics(tmp_path, capsys, monkeypatch):

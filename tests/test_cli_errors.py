@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kdkit.train
-from kdkit.cli import EXIT_BAD_INPUT, EXIT_RUN_FAILED, main
+from kdkit.cli import EXIT_BAD_INPUT, EXIT_RUN_FAILED, build_parser, main
 from kdkit.data import imread, index_images
 from kdkit.errors import ConfigError, DataError, KernelFailure, NonFiniteLossError
 from tasks.matting.task import MattingTask
@@ -40,6 +40,14 @@ def test_a_config_error_is_one_line_naming_the_key_and_exits_2(config, capsys):
 def test_debug_before_or_after_the_command_raises_with_the_traceback(config, argv):
     with pytest.raises(ConfigError, match="train.steps"):
         main([*argv, config, "--set", "train.steps=0"])
+
+
+@pytest.mark.parametrize("command", [["train", "c.yaml"], ["compare", "c.yaml"],
+                                     ["bench", "kernels"], ["data", "synth", "--task", "m",
+                                                            "--out", "o"]])
+def test_every_command_takes_debug_after_its_name(command):
+    assert build_parser().parse_args([*command, "--debug"]).debug is True
+    assert build_parser().parse_args(command).debug is False
 
 
 @pytest.mark.parametrize("error, status", [

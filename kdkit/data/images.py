@@ -12,16 +12,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from kdkit.errors import DataError
+from kdkit.errors import DataError, MissingFileError
 
 __all__ = ["IMAGE_SUFFIXES", "MissingFileError", "imread", "read_image", "write_gray",
            "write_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-class MissingFileError(DataError, FileNotFoundError):
-    """A data file or folder that does not exist (a :class:`FileNotFoundError` too)."""
 
 
 def imread(path: str | Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
