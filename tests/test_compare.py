@@ -122,6 +122,8 @@ def test_bad_compare_configs_are_explained(tmp_path):
         load_compare_config(compare_config(tmp_path, only=["student", "fitnet"]))
     with pytest.raises(ConfigError, match="report.examples"):  # at load, not after training
         load_compare_config(compare_config(tmp_path, report={"examples": -1}))
+    with pytest.raises(ConfigError, match=r"^seeds: expected list"):  # a key path, no file
+        load_compare_config(compare_config(tmp_path, seeds=3))
 
 
 def test_cached_per_image_metrics_are_keyed_on_what_produced_them(tmp_path, monkeypatch):
