@@ -57,7 +57,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-FLOAT_TAG = "tag:yaml.org,2002:float"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
 
 #: Python's float literals and YAML's ``.inf`` / ``.nan``; a dot or an exponent is required,
 #: so ints stay ints.
@@ -73,10 +73,10 @@ class ConfigLoader(yaml.SafeLoader):
 
 
 ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != FLOAT_TAG]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-ConfigLoader.add_implicit_resolver(FLOAT_TAG, _FLOAT, list("-+0123456789."))
+ConfigLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
 
 
 def _parse(text: Any, what: str) -> Any:
@@ -243,8 +243,10 @@ def from_mapping(cls: type[T], data: Any, where: str = "config") -> T:
     for key, value in data.items():
         _require_finite(value, _key(where, key))
         if not _matches(value, hints[key]):
+            hint = (f"; write it as an integer ({int(value)})"
+                    if isinstance(value, float) and value.is_integer() else "")
             raise ConfigError(
-                f"{_key(where, key)}: expected {_type_name(hints[key])}, found {value!r}"
+                f"{_key(where, key)}: expected {_type_name(hints[key])}, found {value!r}{hint}"
             )
     _check_ranges(cls, data, where)
     return cls(**data)

@@ -11,6 +11,7 @@ from kdkit.config import (
     load_terms,
     load_yaml,
     register_checks,
+    run_config_from_mapping,
 )
 from kdkit.distiller import DistillTerm
 
@@ -171,3 +172,10 @@ def test_nan_inside_a_term_argument_is_named():
 def test_checks_name_real_fields_only():
     with pytest.raises(TypeError, match="no field"):
         register_checks(DistillTerm, wieght=Range(0))
+
+
+def test_an_int_written_as_a_float_is_refused_with_the_integer_to_write():
+    with pytest.raises(ConfigError, match=r"train.steps: expected int, found 1000.0; write it "
+                                          r"as an integer \(1000\)"):
+        run_config_from_mapping({"task": "t", "model": {}, "out_dir": "o",
+                                 "train": {"steps": 1e3}})
