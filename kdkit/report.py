@@ -16,6 +16,7 @@ these seeds).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -39,6 +40,7 @@ from kdkit.export import cpu_latency_ms  # noqa: E402
 from kdkit.provenance import provenance, provenance_line  # noqa: E402
 from kdkit.pruning import count_parameters_and_flops  # noqa: E402
 from kdkit.train import WEIGHTS, build_model, read_log, test_batches  # noqa: E402
+from kdkit.training.runlog import tensorboard_writer  # noqa: E402
 
 __all__ = ["CompareReport", "MethodRow", "ModelCost", "ModelResult", "ReportSettings", "SeedRow",
            "Stat", "bootstrap_interval", "build_report", "check_metric_names", "column_digits",
@@ -603,7 +605,8 @@ def write_compare_report(config, task, results: list[ModelResult], teacher_weigh
                          eval_set, device) -> Path:
     """Write results.csv, results.md, metrics.png, curves.png and (unless
     ``report.examples: 0``) examples.png into ``<out_dir>/report`` and print the table;
-    returns the folder."""
+    when the base run logs to TensorBoard (``train.log``), the figures go there too
+    (:func:`figures_to_tensorboard`). Returns the folder."""
     settings = report_settings(config.report, task)
     report = build_report(config, task, results, settings, len(eval_set), device)
     out = Path(config.out_dir) / "report"
@@ -616,6 +619,17 @@ def write_compare_report(config, task, results: list[ModelResult], teacher_weigh
         figure_examples(out / "examples.png", task,
                         _shown_models(report, results, teacher_weights), eval_set, device,
                         settings.examples)
+    if "tensorboard" in (config.base.get("train") or {}).get("log", ()):
+        figures_to_tensorboard(out)
     print("\n".join(render_table(report)))
     print(f"\nreport: {out / 'results.md'}")
     return out
+
+
+def figures_to_tensorboard(out: Path) -> None:
+    """The report's figures (``out/*.png``) as TensorBoard images ``report/<name>`` in
+    ``out/tensorboard/`` (for comparisons whose runs log to TensorBoard too)."""
+    with contextlib.closing(tensorboard_writer(out)) as writer:
+        for png in sorted(out.glob("*.png")):
+            picture = plt.imread(png)[..., :3]  # H×W×3 floats in [0, 1] (alpha dropped)
+            writer.add_image(f"report/{png.stem}", picture, dataformats="HWC")

@@ -156,6 +156,33 @@ def test_examples_zero_draws_no_examples_figure_and_links_none(tmp_path, example
     assert (out / "curves.png").exists() and (out / "metrics.png").exists()
 
 
+@pytest.mark.parametrize("log", [["jsonl"], ["jsonl", "tensorboard"]])
+def test_figures_go_to_tensorboard_when_the_runs_log_there(tmp_path, log):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = _config(tmp_path, examples=1)
+    config.base = {"train": {"log": log}}
+    teacher_weights = _run(tmp_path, "teacher", 0, []) / "model.pt"
+    _, eval_set = ToyTask().datasets({})
+    out = write_compare_report(config, ToyTask(), _results(tmp_path), str(teacher_weights),
+                               eval_set, "cpu")
+    assert (out / "tensorboard").exists() == ("tensorboard" in log)
+    if "tensorboard" in log:
+        events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+        events.Reload()
+        assert sorted(events.Tags()["images"]) == [
+            "report/curves", "report/examples", "report/metrics"]
+        image = events.Images("report/metrics")[0]
+        assert (image.width, image.height) == plt_size(out / "metrics.png")
+
+
+def plt_size(png) -> tuple[int, int]:
+    import matplotlib.pyplot as plt
+
+    height, width = plt.imread(png).shape[:2]
+    return width, height
+
+
 def test_the_report_names_the_commit_and_the_library_versions(tmp_path):
     text = render_markdown(_report(tmp_path))
     line = provenance.provenance_line()

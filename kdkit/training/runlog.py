@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from kdkit.errors import KdkitError
 
 __all__ = ["LOG", "LOG_SINKS", "TENSORBOARD", "JsonlSink", "Pace", "RunLog",
-           "TensorBoardSink", "open_run_log", "read_log", "remove_logs"]
+           "TensorBoardSink", "open_run_log", "read_log", "remove_logs", "tensorboard_writer"]
 
 LOG = "log.jsonl"
 TENSORBOARD = "tensorboard"
@@ -58,17 +58,23 @@ class JsonlSink:
         pass
 
 
+def tensorboard_writer(folder: Path, **kwargs):
+    """A ``SummaryWriter`` for ``folder/tensorboard/``; a :class:`KdkitError` saying what to
+    install when the ``tensorboard`` package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise KdkitError('train.log asks for tensorboard, which is not installed: '
+                         'pip install "kdkit[tensorboard]"') from None
+    return SummaryWriter(str(folder / TENSORBOARD), **kwargs)
+
+
 class TensorBoardSink:
     """Each record's numbers as scalars ``<kind>/<name>`` at its step, in
     ``folder/tensorboard/``."""
 
     def __init__(self, folder: Path, step: int):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise KdkitError('train.log asks for tensorboard, which is not installed: '
-                             'pip install "kdkit[tensorboard]"') from None
-        self.writer = SummaryWriter(str(folder / TENSORBOARD), purge_step=step + 1)
+        self.writer = tensorboard_writer(folder, purge_step=step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         for name, value in record.items():
