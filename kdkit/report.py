@@ -32,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kdkit.checkpoint import load_weights  # noqa: E402
 from kdkit.config import from_mapping  # noqa: E402
@@ -516,13 +517,14 @@ def figure_bars(path: Path, report: CompareReport) -> None:
             right.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", color=colour,
                            capsize=4)
     right.axvline(0, color="black", linewidth=0.8)
+    right.xaxis.set_major_locator(MaxNLocator(nbins=5))  # labels like −0.075 need room
     right.set_yticks(y, names)
     right.set_ylim(left.get_ylim())
     right.set_xlabel(f"{s.primary} − {report.baseline}, per image, 95% bootstrap interval")
     _save(fig, path)
 
 
-CURVES = {"task_loss": "task loss (the task's terms only: comparable)",
+CURVES = {"task_loss": "task loss (the task's own terms, unweighted: comparable)",
           "total": "total loss (the run's own terms)"}
 
 
