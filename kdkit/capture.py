@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kdkit.errors import ConfigError, KdkitError
+from kdkit.errors import ConfigError, FeatureError, KdkitError
 
 __all__ = ["FeatureRecorder", "FeatureRef", "UnknownModuleError", "unwrap_model", "resolve_module"]
 
@@ -193,7 +193,7 @@ class FeatureRecorder:
 
     def _store(self, name: str, value) -> None:
         if not isinstance(value, torch.Tensor):
-            raise TypeError(
+            raise FeatureError(
                 f"module {name!r} produced a {type(value).__name__}, not a tensor; record a "
                 "submodule whose output is a single tensor"
             )
@@ -216,7 +216,8 @@ class FeatureRecorder:
             if not self._active:
                 return
             if not inputs:
-                raise TypeError(f"module {name!r} was called without positional inputs")
+                raise FeatureError(f"module {name!r} was called without positional inputs; "
+                                   "record its output instead (source='output')")
             self._store(name, inputs[0])
 
         return hook
@@ -229,18 +230,18 @@ class FeatureRecorder:
         """The tensor recorded at call ``call`` of module ``name`` (``-1``: the last)."""
         records = self._records[self._known(name)]
         if not records:
-            raise RuntimeError(
+            raise FeatureError(
                 f"module {name!r} did not run during the recorded forward pass; check that "
                 "the model's forward actually calls it for this input"
             )
         try:
             record = records[call]
         except IndexError:
-            raise IndexError(
+            raise FeatureError(
                 f"module {name!r} ran {len(records)} time(s); call index {call} is out of range"
             ) from None
         if record.version is not None and record.tensor._version != record.version:
-            raise RuntimeError(
+            raise FeatureError(
                 f"the recorded {self.source} of {name!r} was modified in place after it was "
                 "recorded (typically by a following ReLU(inplace=True) or an in-place add), so "
                 "it no longer holds the module's value. Record it with clone=True (on a "

@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "FeatureError",
     "KernelFailure",
     "MissingFileError",
     "NonFiniteLossError",
@@ -42,6 +43,11 @@ class CheckpointError(KdkitError, ValueError):
 
 class RunFolderError(KdkitError):
     """A run folder that holds another run (a different config, a finished run)."""
+
+
+class FeatureError(KdkitError, RuntimeError):
+    """A recorded feature that cannot be used: its module did not run, ran fewer times
+    than the reference asks, produced no tensor, or was overwritten in place."""
 
 
 class NonFiniteLossError(KdkitError, FloatingPointError):

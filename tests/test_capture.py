@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from kdkit.capture import FeatureRecorder, FeatureRef, UnknownModuleError, resolve_module
-from kdkit.errors import ConfigError, KdkitError
+from kdkit.errors import ConfigError, FeatureError, KdkitError
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_module_called_twice_keeps_every_call():
     torch.testing.assert_close(recorder.get("shared", 0), first)
     torch.testing.assert_close(recorder["shared[1]"], out)
     torch.testing.assert_close(recorder["shared"], out)  # no index: the last call
-    with pytest.raises(IndexError, match="ran 2 time"):
+    with pytest.raises(FeatureError, match="ran 2 time"):
         recorder.get("shared", 2)
 
 
@@ -109,7 +109,7 @@ def test_output_overwritten_in_place_is_rejected():
     recorder = FeatureRecorder(["1"]).initialize(model)
     with torch.no_grad(), recorder:
         model(torch.randn(2, 3, 6, 6))
-    with pytest.raises(RuntimeError, match="clone=True"):
+    with pytest.raises(FeatureError, match="clone=True"):
         recorder["1"]
 
 
@@ -163,5 +163,23 @@ def test_feature_ref_parsing():
 def test_non_tensor_output_is_a_clear_error():
     lstm = nn.Sequential(nn.LSTM(3, 4))
     recorder = FeatureRecorder(["0"]).initialize(lstm)
-    with pytest.raises(TypeError, match="not a tensor"), recorder:
+    with pytest.raises(FeatureError, match="not a tensor"), recorder:
         lstm(torch.randn(2, 1, 3))
+
+
+def test_a_module_that_did_not_run_is_a_feature_error_the_cli_prints_in_one_line():
+    class SkipsOne(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = SkipsOne()
+    recorder = FeatureRecorder(["unused"]).initialize(model)
+    with recorder:
+        model(torch.randn(1, 3, 4, 4))
+        with pytest.raises(FeatureError, match="'unused' did not run") as info:
+            recorder.get("unused")
+    assert isinstance(info.value, KdkitError)  # kdkit's CLI prints it in one line
