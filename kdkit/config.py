@@ -58,6 +58,7 @@ T = TypeVar("T")
 
 
 _FLOAT_TAG = "tag:yaml.org,2002:float"
+_INT_TAG = "tag:yaml.org,2002:int"
 
 #: Python's float literals and YAML's ``.inf`` / ``.nan``; a dot or an exponent is required,
 #: so ints stay ints.
@@ -65,18 +66,22 @@ _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE]
     |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
     |[-+]?\.(?:inf|Inf|INF)
     |\.(?:nan|NaN|NAN))$""", re.VERBOSE)
+#: Python's decimal and hexadecimal int literals: no YAML 1.1 octal (``017`` is 15 there)
+#: and no sexagesimal ints (``1:30`` is 90 there); both stay strings.
+_INT = re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+)$")
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """The safe loader with YAML 1.1's float rule replaced by :data:`_FLOAT` (which also
-    drops 1.1's sexagesimal floats such as ``1:30.5``)."""
+    """The safe loader with YAML 1.1's number rules replaced by Python's (:data:`_FLOAT`,
+    :data:`_INT`): ``2e-3`` is a float, and ``017``, ``1:30`` and ``1:30.5`` stay strings."""
 
 
 ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_FLOAT_TAG, _INT_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 ConfigLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+ConfigLoader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
 
 
 def _parse(text: Any, what: str) -> Any:

@@ -103,6 +103,13 @@ def test_ints_stay_ints_and_yaml_spells_infinity_and_nan():
     assert load_yaml("v: 1e5x\nw: 1:30.5\n") == {"v": "1e5x", "w": "1:30.5"}
 
 
+def test_ints_are_read_as_python_writes_them():
+    assert load_yaml("a: 17\nb: -3\nc: 1_000\nd: 0x1F\ne: 0\n") == {
+        "a": 17, "b": -3, "c": 1000, "d": 31, "e": 0}
+    # YAML 1.1 reads these as the octal 15 and the sexagesimal 90: they stay strings here
+    assert load_yaml("f: 017\ng: 1:30\n") == {"f": "017", "g": "1:30"}
+
+
 def test_overrides_and_term_weights_read_exponent_floats():
     data = apply_overrides({"train": {}}, ["train.lr=1e-3", "train.weight_decay=5E-4"])
     assert data == {"train": {"lr": 1e-3, "weight_decay": 5e-4}}
