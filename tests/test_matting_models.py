@@ -2,9 +2,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kdkit.capture import FeatureRecorder
+from tasks.matting import models
 from tasks.matting.losses import alpha_prediction_loss, composition_loss
 from tasks.matting.models import (
     DIM,
@@ -13,6 +15,8 @@ from tasks.matting.models import (
     dim_student,
     dim_teacher,
     network_input,
+    unpool2x,
+    unpool2x_scatter,
 )
 
 
@@ -86,6 +90,36 @@ def test_decoder_unpools_with_the_encoder_indices():
     maxima = torch.zeros(16, 16, 4, dtype=torch.bool).scatter_(2, windows.argmax(2, True), True)
     expected = maxima.view(16, 16, 2, 2).permute(0, 2, 1, 3).reshape(32, 32)
     assert torch.equal(y[0, 0].abs() > 1e-4, expected)
+
+
+def test_max_unpool_and_the_export_scatter_agree_in_value_and_gradient():
+    """Training unpools with F.max_unpool2d, export with the scatter: same outputs and
+    gradients, with and without channels_last and for ties (equal values in a window)."""
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    x[0, 0, :2, :2] = 1.0  # a window of ties
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        pooled, indices = F.max_pool2d(x.to(memory_format=memory_format), 2,
+                                       return_indices=True)
+        weight = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+        results = []
+        for unpool in (unpool2x, unpool2x_scatter):
+            p = pooled.detach().clone().requires_grad_()
+            out = unpool(p, indices)
+            (grad,) = torch.autograd.grad((out * weight).sum(), p)
+            results.append((out, grad))
+        (fast, fast_grad), (scatter, scatter_grad) = results
+        assert torch.equal(fast, scatter) and torch.equal(fast_grad, scatter_grad)
+
+
+def test_unpooling_takes_the_scatter_only_while_tracing(monkeypatch):
+    calls, scatter = [], models.unpool2x_scatter
+    monkeypatch.setattr(models, "unpool2x_scatter",
+                        lambda x, i: calls.append("scatter") or scatter(x, i))
+    pooled, indices = F.max_pool2d(torch.randn(1, 2, 4, 4), 2, return_indices=True)
+    models.unpool2x(pooled, indices)
+    assert calls == []
+    torch.jit.trace(models.unpool2x, (pooled, indices))  # traces, then checks the trace
+    assert calls and set(calls) == {"scatter"}
 
 
 @pytest.mark.parametrize("encoder", ["resnet18", "mobilenetv2_100"])
