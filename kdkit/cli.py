@@ -126,9 +126,13 @@ def _export(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from kdkit.compare import load_compare_config, run_compare
     from kdkit.task import load_task
+    from kdkit.training.budget import parse_duration
 
     overrides = list(args.set or []) + ([f"out_dir={args.out}"] if args.out else [])
     config = load_compare_config(args.config, overrides)
+    if args.budget is not None:
+        parse_duration(args.budget, "--budget")
+        config.budget = args.budget
     config.report.setdefault("command", "kdkit " + " ".join(args.argv))
     run_compare(config, load_task(config.task), args.w2, progress=not args.quiet)
     return 0
@@ -269,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--w2", nargs="+", type=float,
                          help="sweep the distillation weight: every feature method is run "
                               "with its term weights multiplied by each value")
+    compare.add_argument("--budget", metavar="DURATION",
+                         help="fit the teacher, every row and every seed into this time (90s, "
+                              "8m, 1h or seconds): a short warm-up measures the steps, then "
+                              "the same number of steps is chosen for every student row")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     compare.set_defaults(run=_compare)
 

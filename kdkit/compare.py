@@ -13,17 +13,21 @@ ones resume, so running the command again continues where it stopped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdkit.checkpoint import load_weights, resolve_path
+from kdkit.checkpoint import load_weights, resolve_path, save_atomic
 from kdkit.config import RunConfig, from_mapping, load_yaml, run_config_from_mapping
 from kdkit.dcp import prune_run
+from kdkit.distributed import World, end_world, setup_world
 from kdkit.errors import ConfigError
 from kdkit.report import ModelResult, check_metric_names, report_settings, write_compare_report
 from kdkit.task import Task
@@ -35,6 +39,14 @@ from kdkit.train import (
     resolve_device,
     test_batches,
     train,
+)
+from kdkit.training.budget import (
+    BudgetPlan,
+    evaluation_reserve,
+    image_seconds,
+    parse_duration,
+    plan_steps,
+    run_step_seconds,
 )
 from kdkit.training.folder import RunFolder, resume_problems
 
@@ -59,6 +71,7 @@ class CompareConfig:
     baseline: str = "student"
     only: list[str] | None = None  # run just these methods, in this order
     report: dict[str, Any] = field(default_factory=dict)
+    budget: str | float | None = None  # a time budget: 90s, 8m, 1h or seconds
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -94,6 +107,8 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
         raise ConfigError(f"{path}: baseline {config.baseline!r} is not among the methods: "
                           f"{', '.join(config.methods)}")
     report_settings(config.report)  # checked now, not after every run has trained
+    if config.budget is not None:
+        parse_duration(config.budget)
     return config
 
 
@@ -324,16 +339,100 @@ def _evaluate_all(config: CompareConfig, task: Task, runs: list, device,
     return results
 
 
+PLAN = "budget.json"  # a budget's plan, in out_dir, keyed on the comparison it was made for
+_clock = time.perf_counter
+
+
+def _warmup_teacher_weights(config: CompareConfig, task: Task, scratch: Path) -> str:
+    """Teacher weights the students' warm-up can load: the configured or trained ones, or
+    (before the teacher is trained) a freshly built teacher's, written into ``scratch``."""
+    weights = teacher_checkpoint(config)
+    if "checkpoint" in config.teacher or Path(weights).exists():
+        return weights
+    fresh = scratch / WEIGHTS
+    save_atomic({"model": build_model(task, config.teacher["model"]).state_dict()}, fresh)
+    return str(fresh)
+
+
+def _measure_and_plan(config: CompareConfig, task: Task, runs: list, world: World,
+                      budget_s: float) -> BudgetPlan:
+    """Warm up the teacher (when it trains here and has not finished) and each student row
+    of the first seed, time one evaluation forward, and plan the steps
+    (:mod:`kdkit.training.budget`)."""
+    started, first = _clock(), runs[0][2]
+    teacher = teacher_run(config)
+    teacher = None if teacher is None or _finished(teacher) else teacher
+    teacher_s = None if teacher is None else run_step_seconds(teacher, task, world, _clock)
+    with tempfile.TemporaryDirectory() as scratch:
+        weights = _warmup_teacher_weights(config, task, Path(scratch))
+        units = {label: run_step_seconds(_with_weights(run, weights), task, world, _clock)
+                 for label, seed, run in runs if seed == runs[0][1]}
+    _, eval_set = task.datasets(first.data)
+    model = build_model(task, first.model).to(world.device)
+    image_s = image_seconds(model, task, eval_set, world.device, _clock)
+    reserve = evaluation_reserve(image_s, len(eval_set), len(runs) + 1)
+    spent = _clock() - started
+    teacher_steps, steps = plan_steps(
+        budget_s, spent, reserve, None if teacher is None else (teacher.train.steps, teacher_s),
+        first.train.steps, list(units.values()), len(config.seeds))
+    return BudgetPlan(budget_s, teacher_s, units, spent, reserve, teacher_steps, steps)
+
+
+def _with_weights(run: RunConfig, weights: str) -> RunConfig:
+    """``run`` with its teacher (if any) loaded from ``weights``."""
+    if run.teacher is None:
+        return run
+    return dataclasses.replace(run, teacher={**run.teacher, "checkpoint": weights})
+
+
+def _budget(config: CompareConfig, task: Task, runs: list, jobs: dict,
+            progress: bool) -> BudgetPlan | None:
+    """With ``budget``, the plan (measured once, then read from ``out_dir/budget.json``
+    while the comparison it was made for is unchanged, so an interrupted comparison resumes
+    with the same steps), applied: the teacher's and every student's ``train.steps``."""
+    if config.budget is None:
+        return None
+    if any(jobs.values()):
+        raise ConfigError("budget: the pruning methods' sparsify runs are not planned by a "
+                          "budget; run them without --budget, or leave them out with only:")
+    path = Path(config.out_dir) / PLAN
+    made_of = {k: v for k, v in dataclasses.asdict(config).items() if k != "report"}
+    key = json.loads(json.dumps({"config": made_of,
+                                 "runs": [[label, seed] for label, seed, _ in runs]},
+                                sort_keys=True, default=str))
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    if stored.get("key") == key:
+        plan = BudgetPlan(**stored["plan"])
+    else:
+        if progress:
+            print(f"warming up to plan the steps for a budget of {config.budget}")
+        world = setup_world(resolve_device(runs[0][2].train.device))
+        try:
+            plan = _measure_and_plan(config, task, runs, world, parse_duration(config.budget))
+        finally:
+            end_world(world)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": key, "plan": dataclasses.asdict(plan)}))
+    if plan.teacher_steps is not None:
+        config.teacher.setdefault("train", {})["steps"] = plan.teacher_steps
+    for _, _, run in runs:
+        run.train.steps = plan.student_steps
+    if progress:
+        print("\n".join(plan.lines()))
+    return plan
+
+
 def run_compare(config: CompareConfig, task: Task, w2_values: list[float] | None = None,
                 progress: bool = True) -> Path:
-    """Train what is missing, evaluate everything per image, write the report; returns the
-    report folder."""
+    """Train what is missing (with a ``budget``, the steps that fit it first), evaluate
+    everything per image, write the report; returns the report folder."""
     runs, jobs = _all_runs(config, w2_values)
     _check_report_metrics(config, task, runs[0][2])
+    plan = _budget(config, task, runs, jobs, progress)
     _train_missing(config, task, runs, jobs, progress)
     first = runs[0][2]
     device = resolve_device(first.train.device)
     _, eval_set = task.datasets(first.data)
     results = _evaluate_all(config, task, runs, device, eval_set)
     return write_compare_report(config, task, results, teacher_checkpoint(config), eval_set,
-                                device)
+                                device, [] if plan is None else plan.lines())

@@ -187,6 +187,7 @@ class CompareReport:
     provenance: dict[str, str]
     seed_rows: list[SeedRow]
     rows: list[MethodRow]
+    notes: list[str] = field(default_factory=list)  # how the runs were trained (budget…)
 
     @property
     def intervals(self) -> dict[str, tuple[float, float, float]]:
@@ -305,7 +306,7 @@ def _steps(results: list[ModelResult]) -> list[int]:
 
 
 def build_report(config, task, results: list[ModelResult], settings: ReportSettings,
-                 images: int, device) -> CompareReport:
+                 images: int, device, notes: list[str] | None = None) -> CompareReport:
     """The report's numbers: per-seed rows, per-method rows with seed statistics, costs and
     the paired interval against ``config.baseline`` on the primary metric (the first
     metric when neither the task nor ``report.primary`` names one)."""
@@ -327,7 +328,8 @@ def build_report(config, task, results: list[ModelResult], settings: ReportSetti
     return CompareReport(settings, config.task, config.baseline, metric_names,
                          {m: units[m] for m in metric_names if m in units}, images,
                          list(config.seeds), str(device), _steps(results), runtime,
-                         torch.get_num_threads(), provenance(), seed_rows, rows)
+                         torch.get_num_threads(), provenance(), seed_rows, rows,
+                         list(notes or []))
 
 
 # --- rendering: numbers -----------------------------------------------------------------------
@@ -469,7 +471,8 @@ def _figure_links(report: CompareReport) -> list[str]:
 
 def render_markdown(report: CompareReport) -> str:
     """results.md: title, provenance, method, table, verdicts, figure links."""
-    text = [*_preamble(report), _method_text(report), "", *render_table(report), "",
+    notes = [line for note in report.notes for line in (note, "")]
+    text = [*_preamble(report), _method_text(report), "", *notes, *render_table(report), "",
             *_verdict_text(report), *_figure_links(report), ""]
     return "\n".join(text)
 
@@ -604,13 +607,14 @@ def _shown_models(report: CompareReport, results: list[ModelResult],
 
 
 def write_compare_report(config, task, results: list[ModelResult], teacher_weights: str,
-                         eval_set, device) -> Path:
-    """Write results.csv, results.md, metrics.png, curves.png and (unless
-    ``report.examples: 0``) examples.png into ``<out_dir>/report`` and print the table;
-    when the base run logs to TensorBoard (``train.log``), the figures go there too
-    (:func:`figures_to_tensorboard`). Returns the folder."""
+                         eval_set, device, notes: list[str] | None = None) -> Path:
+    """Write results.csv, results.md (with ``notes``: lines on how the runs were trained,
+    such as a budget's plan), metrics.png, curves.png and (unless ``report.examples: 0``)
+    examples.png into ``<out_dir>/report`` and print the table; when the base run logs to
+    TensorBoard (``train.log``), the figures go there too (:func:`figures_to_tensorboard`).
+    Returns the folder."""
     settings = report_settings(config.report, task)
-    report = build_report(config, task, results, settings, len(eval_set), device)
+    report = build_report(config, task, results, settings, len(eval_set), device, notes)
     out = Path(config.out_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     write_csv(report, out / "results.csv")
