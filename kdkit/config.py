@@ -34,6 +34,7 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
+from kdkit.data.workers import NumWorkers
 from kdkit.distiller import DistillTerm
 from kdkit.errors import ConfigError
 
@@ -295,7 +296,7 @@ class TrainSettings:
     eval_every: int = 0  # 0: evaluate at the end only
     log_every: int = 10
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | str = 0  # data loader processes, or "auto": the usable cores minus one
     device: str = "auto"
     log: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl | tensorboard
 
@@ -346,7 +347,7 @@ register_checks(
     checkpoint_every=Range(0, note="0: at the end only"),
     eval_every=Range(0, note="0: at the end only"),
     log_every=Range(1),
-    num_workers=Range(0),
+    num_workers=NumWorkers(),
     log=OneOf(("jsonl", "tensorboard")),
 )
 register_checks(RunConfig, sparsity=Range(0, note="the L1 weight on BatchNorm γ per prefix"))

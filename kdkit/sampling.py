@@ -43,10 +43,17 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 class KeyedSamples(Dataset):
     """``dataset`` indexed by ``(epoch, index)``: each item is drawn under
     :func:`kdkit.data.random.sample_key` ``(seed, epoch, index)``, so transforms that draw
-    from a :class:`~kdkit.data.random.WorkerRNG` are a function of that key alone."""
+    from a :class:`~kdkit.data.random.WorkerRNG` are a function of that key alone.
+
+    A dataset with a ``prepare()`` method (a :class:`~kdkit.data.SeededDataset` with a data
+    pool) is prepared here, in the process that builds the loader, so DataLoader workers
+    share what it made rather than each making its own."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
+        prepare = getattr(dataset, "prepare", None)
+        if prepare is not None:
+            prepare()
 
     def __len__(self) -> int:
         return len(self.dataset)

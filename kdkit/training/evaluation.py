@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from kdkit.config import RunConfig
+from kdkit.data import resolve_num_workers
 from kdkit.distributed import World
 from kdkit.task import Task
 from kdkit.training.batch import to_device
@@ -18,7 +19,7 @@ from kdkit.training.batch import to_device
 __all__ = ["evaluate", "metric_values", "test_batches"]
 
 
-def test_batches(dataset: Dataset, device: torch.device, num_workers: int = 0,
+def test_batches(dataset: Dataset, device: torch.device, num_workers: int | str = 0,
                  progress: bool = False, world: World | None = None) -> Iterator[Any]:
     """A dataset's samples one per batch (evaluation images may differ in size), on
     ``device``; with several processes, this process's share (every ``size``-th sample)."""
@@ -26,7 +27,7 @@ def test_batches(dataset: Dataset, device: torch.device, num_workers: int = 0,
         dataset = Subset(dataset, range(world.rank, len(dataset), world.size))
     # its own generator: evaluating draws nothing from torch's global one, so training after
     # an evaluation continues the stream a checkpoint before it saved
-    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers,
+    loader = DataLoader(dataset, batch_size=1, num_workers=resolve_num_workers(num_workers),
                         generator=torch.Generator())
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         yield to_device(batch, device)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdkit.checkpoint import load_weights, resolve_path
 from kdkit.config import ConfigError, RunConfig, TrainSettings
+from kdkit.data import resolve_num_workers
 from kdkit.distiller import Distiller
 from kdkit.distributed import World
 from kdkit.pruning import load_pruned, prepare_for_sparsity
@@ -83,7 +84,7 @@ def _training_data(run: RunConfig, task: Task, world: World) -> TrainingData:
     # global one, so a resumed run's dropout (or any global draw) continues unshifted.
     loader = DataLoader(KeyedSamples(train_set, settings.seed),
                         batch_size=settings.batch_size, sampler=sampler,
-                        num_workers=settings.num_workers, drop_last=True,
+                        num_workers=resolve_num_workers(settings.num_workers), drop_last=True,
                         pin_memory=world.device.type == "cuda",
                         generator=torch.Generator().manual_seed(settings.seed))
     return TrainingData(train_set, eval_set, sampler, loader)

@@ -7,10 +7,12 @@ Config sections (see ``tasks/matting/configs/``):
     loss:   {alpha: 1.0, composition: 0.0, teacher_alpha: 0.0}  (:class:`MattingLoss`)
 
 A batch is a dict with ``image`` (``B×3×H×W`` in [0, 1]), ``alpha`` (``B×1×H×W``),
-``trimap`` (``B×1×H×W`` with values 0 / 128 / 255) and, when the data has them, ``fg`` and
-``bg``. Datasets whose trimaps mark the unknown region with another value
-(``data.unknown_value``, e.g. 102) are checked in their own convention and mapped to 128 on
-loading, so losses and metrics need no such setting.
+``trimap`` (``B×1×H×W`` with values 0 / 128 / 255) and, when the data has them and
+``data.fields`` names them (the default does), ``fg`` and ``bg``: only the composition
+loss uses them, so a run without it can leave them out and load less. Datasets whose
+trimaps mark the unknown region with another value (``data.unknown_value``, e.g. 102) are
+checked in their own convention and mapped to 128 on loading, so losses and metrics need
+no such setting.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from kdkit.config import ConfigError, OneOf, Range, from_mapping, register_checks
-from kdkit.data import source_pairs
+from kdkit.data import keep_fields, source_pairs
 from kdkit.errors import DataError
 from tasks.matting import data as matting_data
 from tasks.matting.losses import alpha_prediction_loss, composition_loss
@@ -62,11 +64,22 @@ register_checks(MattingModel, name=OneOf(("dim_teacher", "dim_student", "dim", "
                 decoder_channels=Range(1))
 
 
+#: The arrays a batch can carry; image, alpha and trimap are always needed.
+FIELDS = ("image", "alpha", "trimap", "fg", "bg")
+REQUIRED_FIELDS = ("image", "alpha", "trimap")
+
+
 @dataclass
 class MattingData:
     """``data:`` section. ``synthetic`` generates samples (train and test from disjoint
     seeds); ``folder`` reads ``image/ alpha/ trimap/`` folders; ``composition1k`` the
-    Adobe Composition-1k layout (``root`` for training, ``test_root`` for testing)."""
+    Adobe Composition-1k layout (``root`` for training, ``test_root`` for testing).
+
+    ``fields``: the arrays batches carry (when the data has them); ``[image, alpha,
+    trimap]`` leaves out fg and bg, which only the composition loss uses. ``pool``
+    (synthetic only): make this many training samples once, with every core, and draw
+    random views of them (:class:`kdkit.data.SeededDataset`); ``null`` makes every
+    training sample anew."""
 
     kind: str = "synthetic"
     train_length: int = 2000
@@ -78,6 +91,8 @@ class MattingData:
     output_size: int = 320
     unknown_value: int = 128
     bg_per_fg: int | None = None  # composition1k: the official 100 (train) / 20 (test)
+    fields: list[str] = field(default_factory=lambda: list(FIELDS))
+    pool: int | None = None  # synthetic: training samples made once and reused
 
 
 register_checks(
@@ -89,6 +104,8 @@ register_checks(
     output_size=Range(1),
     unknown_value=Range(1, 254, note="0 and 255 are the definite background and foreground"),
     bg_per_fg=Range(1, note="or null for the official 100 (train) / 20 (test)"),
+    fields=OneOf(FIELDS),
+    pool=Range(1, note="or null to make every training sample anew"),
 )
 
 
@@ -118,6 +135,31 @@ class _CanonicalTrimap:
             trimap = out["trimap"]
             out["trimap"] = torch.where(trimap == self.unknown_value, UNKNOWN, trimap)
         return out
+
+
+class _KeepFields:
+    """Wraps a transform: it sees only the array ``fields`` of a sample."""
+
+    def __init__(self, transform, fields: list[str]):
+        self.transform, self.fields = transform, fields
+
+    def __call__(self, sample: dict) -> dict:
+        return self.transform(keep_fields(sample, self.fields))
+
+
+def _checked_data(spec: dict[str, Any]) -> MattingData:
+    """The ``data:`` section, with the fields the task always needs and a pool only where
+    samples are generated."""
+    data = from_mapping(MattingData, spec, "data")
+    missing = [name for name in REQUIRED_FIELDS if name not in data.fields]
+    if missing:
+        raise ConfigError(f"data.fields must hold {', '.join(REQUIRED_FIELDS)}, found "
+                          f"{data.fields}; add {', '.join(missing)}")
+    if data.pool is not None and data.kind != "synthetic":
+        raise ConfigError(f"data.pool applies to synthetic data, found data.kind "
+                          f"{data.kind!r}; remove data.pool (folder samples are read, not "
+                          "made)")
+    return data
 
 
 def with_known_regions(alpha: torch.Tensor, trimap: torch.Tensor) -> torch.Tensor:
@@ -152,7 +194,7 @@ class MattingTask:
         return TimmMatting(model.encoder, model.decoder_channels, model.pretrained)  # timm
 
     def datasets(self, spec: dict[str, Any]) -> tuple[Dataset, Dataset]:
-        data = from_mapping(MattingData, spec, "data")
+        data = _checked_data(spec)
         # training trimaps are redrawn from alpha, directly in the task's convention
         train_transform = matting_data.TrainTransform(
             crop_sizes=tuple(data.crop_sizes), output_size=data.output_size,
@@ -162,12 +204,16 @@ class MattingTask:
         if data.kind == "synthetic":
             return (
                 matting_data.SyntheticMatting("train", data.train_length, data.size,
-                                              data.unknown_value, transform=train_transform),
+                                              data.unknown_value, train_transform, data.pool,
+                                              data.fields),
                 matting_data.SyntheticMatting("test", data.test_length, data.size,
-                                              data.unknown_value, transform=eval_transform),
+                                              data.unknown_value, eval_transform,
+                                              fields=data.fields),
             )
         if data.root is None or data.test_root is None:
             raise ConfigError(f"data.kind {data.kind!r} needs data.root and data.test_root")
+        train_transform = _KeepFields(train_transform, data.fields)
+        eval_transform = _KeepFields(eval_transform, data.fields)
         if data.kind == "folder":
             return (
                 matting_data.ImageFolderMatting(data.root, data.unknown_value, train_transform),
@@ -193,8 +239,10 @@ class MattingTask:
                 prediction, batch["alpha"], trimap, UNKNOWN)
         if weights.composition:
             if "fg" not in batch or "bg" not in batch:
-                raise ConfigError("loss.composition needs data with foreground and background "
-                                  "(synthetic or composition1k); set it to 0 for this data")
+                raise ConfigError("loss.composition needs batches with foreground and "
+                                  "background: data with fg and bg (synthetic or "
+                                  "composition1k) and both in data.fields; or set "
+                                  "loss.composition to 0")
             terms["composition"] = weights.composition * composition_loss(
                 prediction, batch["image"], batch["fg"], batch["bg"], trimap, UNKNOWN)
         if weights.teacher_alpha:

@@ -50,7 +50,9 @@ class SegmentationModel:
 class SegmentationData:
     """``data:`` section. ``synthetic`` generates scenes (train and test from disjoint
     seeds); ``folder`` reads ``image/`` and ``mask/`` folders (``root`` for training,
-    ``test_root`` for testing; masks as index or VOC-colour PNGs)."""
+    ``test_root`` for testing; masks as index or VOC-colour PNGs). ``pool`` (synthetic
+    only): make this many training scenes once, with every core, and draw random views of
+    them (:class:`kdkit.data.SeededDataset`); ``null`` makes every training scene anew."""
 
     kind: str = "synthetic"
     classes: int = 6
@@ -62,6 +64,7 @@ class SegmentationData:
     crop_size: int = 128
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     camouflage: bool = True  # synthetic: objects textured from the background's palette
+    pool: int | None = None  # synthetic: training scenes made once and reused
 
 
 register_checks(SegmentationModel, classes=Range(2), decoder_channels=Range(1))
@@ -73,6 +76,7 @@ register_checks(
     test_length=Range(1),
     crop_size=Range(1),
     scale_range=Range(0, open_low=True),
+    pool=Range(1, note="or null to make every training scene anew"),
 )
 
 
@@ -102,11 +106,15 @@ class SegmentationTask:
         if data.kind == "synthetic":
             return (
                 seg_data.SyntheticSegmentation("train", data.train_length, data.size,
-                                               data.classes, train_transform, data.camouflage),
+                                               data.classes, train_transform, data.camouflage,
+                                               data.pool),
                 seg_data.SyntheticSegmentation("test", data.test_length, data.size,
                                                data.classes, eval_transform, data.camouflage),
             )
-        if data.root is None or data.test_root is None:  # folder, the only other kind
+        if data.pool is not None:  # folder, the only other kind
+            raise ConfigError("data.pool applies to synthetic data, found data.kind 'folder'; "
+                              "remove data.pool (folder samples are read, not made)")
+        if data.root is None or data.test_root is None:
             raise ConfigError("data.kind 'folder' needs data.root and data.test_root")
         return (seg_data.FolderSegmentation(data.root, data.classes, train_transform),
                 seg_data.FolderSegmentation(data.test_root, data.classes, eval_transform))

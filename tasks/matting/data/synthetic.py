@@ -25,7 +25,7 @@ deterministic drawing, filtering and resizing (no ``cv2.randu``/``theRNG``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -226,8 +226,9 @@ class SyntheticMatting(SeededDataset):
 
     Sample ``i`` is ``synthesize(split_seed(split, i), size)``: train seeds are
     ``0..length-1``, test seeds ``10_000_000 + i``, so the splits never share a sample.
-    Items are the sample dicts (see :func:`synthesize`), passed through ``transform`` when
-    one is given.
+    Items are the sample dicts (see :func:`synthesize`) with only the array ``fields``
+    (all when ``None``), passed through ``transform`` when one is given. ``pool=N`` draws
+    them from ``N`` samples made once (see :class:`kdkit.data.SeededDataset`).
     """
 
     def __init__(
@@ -237,13 +238,15 @@ class SyntheticMatting(SeededDataset):
         size: int = 512,
         unknown_value: int = DEFAULT_UNKNOWN,
         transform: Callable[[dict], dict] | None = None,
+        pool: int | None = None,
+        fields: Sequence[str] | None = None,
     ) -> None:
         if size < _MIN_SIZE:
             raise DataError(f"size must be at least {_MIN_SIZE} pixels (data.size, or --size of "
                         f"kdkit data synth), found {size}")
         self.size, self.unknown_value = size, check_unknown_value(unknown_value)
         generate = partial(synthesize, size=size, unknown_value=self.unknown_value)
-        super().__init__(generate, split, length, transform)
+        super().__init__(generate, split, length, transform, pool, fields)
 
 
 def write_synthetic_folder(

@@ -391,7 +391,8 @@ class SyntheticSegmentation(SeededDataset):
 
     Item ``i`` is ``synthesize_scene(split_seed(split, i), size, classes)``: train seeds are
     ``0..length-1``, test seeds ``10_000_000 + i``, so the splits never share a scene.
-    Items are sample dicts, passed through ``transform`` when one is given.
+    Items are sample dicts, passed through ``transform`` when one is given. ``pool=N`` draws
+    them from ``N`` scenes made once (see :class:`kdkit.data.SeededDataset`).
     """
 
     def __init__(
@@ -402,12 +403,13 @@ class SyntheticSegmentation(SeededDataset):
         classes: int = 6,
         transform: Callable[[dict], dict] | None = None,
         camouflage: bool = True,
+        pool: int | None = None,
     ) -> None:
         _check(size, classes)
         self.size, self.classes = size, int(classes)
         generate = partial(synthesize_scene, size=size, classes=self.classes,
                            camouflage=camouflage)
-        super().__init__(generate, split, length, transform)
+        super().__init__(generate, split, length, transform, pool)
 
 
 def write_synthetic_folder(
