@@ -89,24 +89,103 @@ def test_factored_takes_the_cheaper_route():
     assert not factored.gram_is_cheaper(1, 1, 4)
 
 
+# the precision a form computes in → loss tolerance (relative to the cancelled terms) and
+# gradient tolerance (relative to its norm); "maps": float32 maps built directly
+LOSS_TOL = {"maps": 1e-6, "fp32": 1e-5, "fp64": 1e-12}
+GRAD_RTOL = {"maps": 1e-3, "fp32": 1e-3, "fp64": 1e-6}
+
+
+def form_precision(backend, accumulate, cancels):
+    """What a backend computes a form in: ``cancels`` when it is a Gram identity."""
+    if backend == "reference" or (accumulate == "auto" and not cancels):
+        return "maps"
+    return "fp64" if accumulate == "auto" else accumulate
+
+
+def assert_matches_float64(function, s, t, backend, accumulate, cancels, scaled=lambda f: f):
+    """``function`` on float32 ``s``, ``t`` against the float64 materialised definition,
+    within the tolerance of the precision the form computes in; ``scaled`` maps the
+    features to those whose spatial identity the form is (the transpose for channels)."""
+    expected, expected_grad = float64_loss_and_grad(function, s, t)
+    loss, grad = loss_and_grad(function, s, t, backend, accumulate)
+    assert loss.dtype == torch.float32 and torch.isfinite(grad).all()
+    precision = form_precision(backend, accumulate, cancels)
+    tol = LOSS_TOL[precision]
+    assert abs(loss.item() - expected) <= (tol * cancelled_scale(scaled(s), scaled(t))
+                                           + 1e-7 * expected)
+    # float32 maps (reference) and float32 Grams carry ~1e-7 relative rounding per entry,
+    # which the gradient's own cancellation amplifies; float64 Grams do not
+    grad_error = (grad.double() - expected_grad).norm()
+    assert grad_error <= (10 * tol * cancelled_grad_scale(scaled(s))
+                          + GRAD_RTOL[precision] * expected_grad.norm())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("accumulate", ["fp32", "fp64"])
+@pytest.mark.parametrize("accumulate", ["auto", "fp32", "fp64"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("zeros", [False, True])
 def test_spatial_matches_float64_reference(backend, accumulate, shape, zeros):
     b, cs, ct, h, w = shape
     s = features((b, cs, h * w), zeros=zeros, seed=1).view(b, cs, h, w)
     t = features((b, ct, h * w), zeros=zeros, seed=2).view(b, ct, h, w)
-    expected, expected_grad = float64_loss_and_grad(spatial_similarity_loss, s, t)
-    loss, grad = loss_and_grad(spatial_similarity_loss, s, t, backend, accumulate)
-    assert loss.dtype == torch.float32 and torch.isfinite(grad).all()
-    tol = 1e-6 if backend == "reference" else TOLERANCE[("float32", accumulate)]
-    assert abs(loss.item() - expected) <= tol * cancelled_scale(s, t) + 1e-7 * expected
-    # float32 maps (reference) and float32 Grams carry ~1e-7 relative rounding per entry,
-    # which the gradient's own cancellation amplifies; float64 Grams do not
-    grad_rtol = 1e-6 if backend != "reference" and accumulate == "fp64" else 1e-3
-    grad_error = (grad.double() - expected_grad).norm()
-    assert grad_error <= 10 * tol * cancelled_grad_scale(s) + grad_rtol * expected_grad.norm()
+    cancels = factored.gram_is_cheaper(h * w, cs, ct)
+    assert_matches_float64(spatial_similarity_loss, s, t, backend, accumulate, cancels)
+
+
+CHANNEL_SHAPES = [  # (B, C, Ns, Nt): positions ≥ channels (C×C maps) and below (N×N Grams)
+    (2, 5, 42, 30),
+    (1, 1, 9, 4),
+    (1, 40, 9, 16),  # N×N Grams, batch 1
+    (3, 33, 4, 6),  # N×N Grams, batch 3
+    (2, 24, 20, 20),  # C×C maps at N ≈ C
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("accumulate", ["auto", "fp32", "fp64"])
+@pytest.mark.parametrize("shape", CHANNEL_SHAPES)
+@pytest.mark.parametrize("zeros", [False, True])
+def test_channel_matches_float64_reference(backend, accumulate, shape, zeros):
+    """The channel loss is the spatial loss of the transposed features: the ``C×C`` maps
+    while ``N`` is above about ``C``, the identity over the ``N×N`` Grams below."""
+    b, c, ns, nt = shape
+    s = features((b, c, ns), zeros=zeros, seed=3)
+    t = features((b, c, nt), zeros=zeros, seed=4)
+    cancels = factored.gram_is_cheaper(c, ns, nt)
+    assert_matches_float64(channel_similarity_loss, s, t, backend, accumulate, cancels,
+                           scaled=factored.channels_as_positions)
+
+
+def test_the_channel_shapes_take_both_forms():
+    forms = {factored.gram_is_cheaper(c, ns, nt) for _, c, ns, nt in CHANNEL_SHAPES}
+    assert forms == {True, False}
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """The dtypes of the matrix products that ops compute."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(name in str(func) for name in ("mm", "matmul", "baddbmm")):
+            self.dtypes.add(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("function, n, c, cancels", [
+    (spatial_similarity_loss, 400, 16, True),  # C×C Grams: the identity cancels
+    (spatial_similarity_loss, 9, 40, False),  # N×N maps
+    (channel_similarity_loss, 400, 16, False),  # C×C maps
+    (channel_similarity_loss, 9, 40, True),  # N×N Grams: the identity cancels
+])
+def test_auto_computes_float64_only_where_the_identity_cancels(function, n, c, cancels):
+    s = features((2, c, n), seed=5).requires_grad_()
+    t = features((2, c, n), seed=6)
+    with _MatmulDtypes() as products:
+        function(s, t, backend="factored").backward()
+    assert products.dtypes == {torch.float64 if cancels else torch.float32}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -143,18 +222,46 @@ def test_fused_spatial_channel_equals_the_sum(backend):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("noise", [1e-2, 1e-3])
-def test_default_precision_holds_near_convergence(backend, noise):
-    """Student = teacher + noise: the identity cancels terms ~10⁶ times the loss, yet the
-    default accumulation keeps loss and gradient within 1e-3 of the float64 reference."""
-    t = features((2, 32, 300), seed=7)
-    s = (t.double() + noise * features((2, 32, 300), torch.float64, seed=8)).float()
-    for function in (spatial_similarity_loss, spatial_channel_similarity_loss):
+@pytest.mark.parametrize("c, n", [(32, 300), (128, 64)])  # N above C, and a deep layer's below
+def test_default_precision_holds_near_convergence(backend, noise, c, n):
+    """Student = teacher + noise: the identities cancel terms ~10⁶ times the loss, yet the
+    default accumulation keeps loss and gradient within 1e-3 of the float64 reference, for
+    every term and for both forms of each."""
+    t = features((2, c, n), seed=7)
+    s = (t.double() + noise * features((2, c, n), torch.float64, seed=8)).float()
+    for function in (spatial_similarity_loss, channel_similarity_loss,
+                     spatial_channel_similarity_loss):
         expected, expected_grad = float64_loss_and_grad(function, s, t)
         s_ = s.detach().clone().requires_grad_()
         loss = function(s_, t, backend=backend)  # default accumulate
         (grad,) = torch.autograd.grad(loss, s_)
         assert abs(loss.item() - expected) <= 1e-3 * expected
         assert (grad.double() - expected_grad).norm() <= 1e-3 * expected_grad.norm()
+
+
+@needs_triton
+@pytest.mark.parametrize("c, n, by_kernels", [
+    (16, 400, {"spatial", "channel", "spatial+channel"}),
+    (40, 9, set()),  # spatial by N×N maps, channel by N×N Grams: both in factored
+    (24, 30, {"channel", "spatial+channel"}),  # spatial by maps, channel by the raw Gram kernel
+])
+def test_triton_leaves_the_n_by_n_forms_to_factored(monkeypatch, c, n, by_kernels):
+    """The kernels compute C×C Grams; a layer where an N×N form is the cheaper one (N below
+    about C) is computed by factored, with the same value."""
+    from kdkit.kernels import triton_similarity
+
+    launched, stacked_gram = [], triton_similarity.stacked_gram
+    monkeypatch.setattr(triton_similarity, "stacked_gram",
+                        lambda *a, **k: launched.append(1) or stacked_gram(*a, **k))
+    s, t = features((2, c, n), seed=21), features((2, c, n), seed=22)
+    for name, function in (("spatial", spatial_similarity_loss),
+                           ("channel", channel_similarity_loss),
+                           ("spatial+channel", spatial_channel_similarity_loss)):
+        launched.clear()
+        loss = function(s, t, backend="triton")
+        assert bool(launched) == (name in by_kernels)
+        expected = function(s, t, backend="factored").item()
+        assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-12)
 
 
 def test_fp32_accumulation_loses_accuracy_near_convergence():
@@ -444,9 +551,15 @@ def test_the_bench_command_line_reads_the_registry(registry):
 
 
 def test_precision_rules():
-    assert common.accumulation_dtype("fp32") == torch.float32
-    assert common.accumulation_dtype("fp64") == torch.float64
-    with pytest.raises(ConfigError, match="accumulate must be 'fp32' or 'fp64', got 'tf32'"):
+    assert kernels.DEFAULT_ACCUMULATE == "auto"
+    for cancels in (True, False):
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):
+            assert common.accumulation_dtype("fp32", cancels, dtype) == torch.float32
+            assert common.accumulation_dtype("fp64", cancels, dtype) == torch.float64
+            auto = torch.float64 if cancels else common.result_dtype(dtype)
+            assert common.accumulation_dtype("auto", cancels, dtype) == auto
+    with pytest.raises(ConfigError, match="accumulate must be 'auto', 'fp32' or 'fp64', got "
+                                          "'tf32'"):
         common.accumulation_dtype("tf32")
     results = {d: common.result_dtype(d) for d in
                (torch.float16, torch.bfloat16, torch.float32, torch.float64)}

@@ -10,8 +10,9 @@ The backends are registered in :data:`BACKENDS` (:mod:`kdkit.kernels.backends`: 
 runs, how to call it); :mod:`kdkit.kernels.common` holds the precision rules and Gram
 identities they share. ``backend="auto"`` picks ``triton`` for CUDA tensors when Triton is
 installed and ``factored`` otherwise; the environment variable ``KDKIT_SIMILARITY_BACKEND``
-overrides that choice. ``accumulate`` sets the precision of the Gram accumulation of
-``factored`` and ``triton`` (``"fp64"`` by default; see docs/kernels.md). ``reference``
+overrides that choice. ``accumulate`` sets the precision of ``factored`` and ``triton``:
+``"auto"`` by default (float64 only where a Gram identity cancels), ``"fp32"`` or ``"fp64"``
+everywhere (see docs/kernels.md). ``reference``
 computes in the inputs' precision (at least float32) and needs no such choice.
 """
 
@@ -27,6 +28,7 @@ from kdkit.kernels.backends import (
     register_backend,
     resolve_backend,
 )
+from kdkit.kernels.common import DEFAULT_ACCUMULATE
 from kdkit.kernels.reference import (
     batch_similarity_map,
     channel_similarity_map,
@@ -55,9 +57,6 @@ __all__ = [
     "normalize_positions",
     "spatial_similarity_map",
 ]
-
-DEFAULT_ACCUMULATE = "fp64"
-
 
 def triton_available() -> bool:
     """Whether the ``triton`` backend's package can be imported here."""

@@ -2,13 +2,19 @@
 computed from Gram matrices.
 
 Precision: a loss comes back in float32, or float64 for float64 features
-(:func:`result_dtype`); ``accumulate`` (``"fp32"`` / ``"fp64"``) sets the dtype the Grams
-are accumulated in (:func:`accumulation_dtype`); the materialised maps compute half
-precision in float32 (:func:`at_least_float32`). Gram identities (docs/kernels.md), for one
-image with position-normalised ``F̂t`` (``Ct×N``) and ``F̂s`` (``Cs×N``):
+(:func:`result_dtype`); ``accumulate`` sets the dtype the Grams and maps are computed in
+(:func:`accumulation_dtype`): ``"auto"`` (the default) float64 only for a form that cancels
+(a Gram identity, which subtracts squared norms far larger than the loss) and the result
+dtype for a map built directly; ``"fp32"`` / ``"fp64"`` force one precision everywhere. The
+materialised maps compute half precision in float32 (:func:`at_least_float32`).
+
+Gram identities (docs/kernels.md), for one image with position-normalised ``F̂t``
+(``Ct×N``) and ``F̂s`` (``Cs×N``):
 
     spatial   Σ_ij (F̂tᵀF̂t − F̂sᵀF̂s)²_ij = ‖F̂tF̂tᵀ‖² + ‖F̂sF̂sᵀ‖² − 2‖F̂tF̂sᵀ‖²
-    channel   Â_ab = G_ab / ((√G_aa + ε)(√G_bb + ε)) from the raw Gram G = F Fᵀ
+    channel   Â_ab = G_ab / ((√G_aa + ε)(√G_bb + ε)) from the raw Gram G = F Fᵀ; or the
+              spatial identity on the transposed features (the N×N Grams), as channel
+              maps of F are spatial maps of Fᵀ
     batch     the raw ``B×B`` Gram of the flattened samples, each row L2-normalised
 """
 
@@ -21,6 +27,7 @@ from kdkit.errors import ConfigError
 
 __all__ = [
     "ACCUMULATE",
+    "DEFAULT_ACCUMULATE",
     "EPS",
     "accumulation_dtype",
     "at_least_float32",
@@ -31,14 +38,22 @@ __all__ = [
 ]
 
 EPS = 1e-7  # added to every L2 norm of the spatial and channel normalisations
-ACCUMULATE = {"fp32": torch.float32, "fp64": torch.float64}
+ACCUMULATE = {"fp32": torch.float32, "fp64": torch.float64}  # the forced precisions
+DEFAULT_ACCUMULATE = "auto"  # float64 where the form cancels, else the result dtype
 
 
-def accumulation_dtype(accumulate: str) -> torch.dtype:
-    """``"fp32"`` / ``"fp64"`` → the torch dtype the Grams accumulate in; anything else
-    is a :class:`~kdkit.errors.ConfigError`."""
+def accumulation_dtype(accumulate: str, cancels: bool = True,
+                       dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The torch dtype a form computes in, for features of ``dtype``: ``"fp32"`` /
+    ``"fp64"`` force it; ``"auto"`` gives float64 when the form ``cancels`` (a Gram
+    identity) and :func:`result_dtype` otherwise (a map built directly: its rounding is
+    the float32 reference's own). Anything else is a :class:`~kdkit.errors.ConfigError`."""
+    if accumulate == "auto":
+        return torch.float64 if cancels else result_dtype(dtype)
     if accumulate not in ACCUMULATE:
-        raise ConfigError(f"accumulate must be 'fp32' or 'fp64', got {accumulate!r}")
+        raise ConfigError(
+            f"accumulate must be 'auto', 'fp32' or 'fp64', got {accumulate!r}; 'auto' (the "
+            "default) is float64 only where a Gram identity cancels")
     return ACCUMULATE[accumulate]
 
 

@@ -8,9 +8,10 @@ so the spatial loss costs ``O(N·C²)`` time and ``O(C²)`` memory instead of ``
 ``O(N²)``. Its gradient is as cheap: with ``Kss = F̂sF̂sᵀ`` and ``M = F̂tF̂sᵀ``,
 ``∂/∂F̂s = 4·(Kss F̂s − Mᵀ F̂t)``, then back through the normalisation (written out below
 rather than left to autograd, which would spend an extra ``Cs²·N`` product and several
-elementwise passes). The right side subtracts terms of size ``~N²``: ``accumulate="fp64"``
-computes the Grams in float64 so the loss stays accurate when the student is close to the
-teacher.
+elementwise passes). The right side subtracts terms of size ``~N²``: the default
+``accumulate="auto"`` computes the Grams in float64 so the loss stays accurate when the
+student is close to the teacher, and maps built directly in float32. The channel loss is
+the spatial loss of the transposed features (:func:`channel_similarity`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import torch.nn.functional as F
 
 from kdkit.kernels import reference
 from kdkit.kernels.common import (
+    DEFAULT_ACCUMULATE,
     EPS,
     accumulation_dtype,
     batch_map_from_gram,
-    channel_map_from_gram,
     result_dtype,
     spatial_loss_from_grams,
 )
@@ -69,33 +70,47 @@ def gram_is_cheaper(n: int, student_channels: int, teacher_channels: int) -> boo
     return ct * ct + cs * cs + ct * cs < n * (cs + ct)
 
 
-def spatial_similarity(student: torch.Tensor, teacher: torch.Tensor, accumulate: str = "fp64"):
+def spatial_similarity(student: torch.Tensor, teacher: torch.Tensor,
+                       accumulate: str = DEFAULT_ACCUMULATE):
     """``B×Cs×S…``, ``B×Ct×S…`` → scalar: MSE between the ``B×N×N`` spatial maps. Deep
     layers with fewer positions than channels (``N`` below about ``C``) take the
-    materialised maps instead, which are then the cheaper exact route."""
-    dtype = accumulation_dtype(accumulate)
+    materialised maps instead, which are then the cheaper exact route. ``"auto"``: the
+    Grams in float64 (the identity cancels), the maps in float32 (built directly)."""
     n = student[0, 0].numel()
-    if gram_is_cheaper(n, student.shape[1], teacher.shape[1]):
+    by_grams = gram_is_cheaper(n, student.shape[1], teacher.shape[1])
+    dtype = accumulation_dtype(accumulate, cancels=by_grams, dtype=student.dtype)
+    if by_grams:
         loss = _SpatialSimilarity.apply(student, teacher.detach(), dtype)
     else:
         loss = reference.spatial_similarity(student.to(dtype), teacher.to(dtype))
     return loss.to(result_dtype(student.dtype))
 
 
-def channel_similarity(student: torch.Tensor, teacher: torch.Tensor, accumulate: str = "fp64"):
-    """``B×C×S…``, ``B×C×S'…`` → scalar: MSE between the ``B×C×C`` channel maps, from one
-    raw Gram per side (the channel norms are the square roots of its diagonal)."""
-    dtype = accumulation_dtype(accumulate)
-    fs = student.flatten(2).to(dtype)
-    ft = teacher.detach().flatten(2).to(dtype)
-    loss = F.mse_loss(channel_map_from_gram(fs @ fs.mT), channel_map_from_gram(ft @ ft.mT))
-    return loss.to(result_dtype(student.dtype))
+def channels_as_positions(f: torch.Tensor) -> torch.Tensor:
+    """``B×C×S…`` → the ``B×N×C`` view ``Fᵀ``: its spatial map (each column normalised,
+    ``Fᵀ``'s columns being ``F``'s channels) is ``F``'s channel map."""
+    return f.flatten(2).mT
 
 
-def batch_similarity(student: torch.Tensor, teacher: torch.Tensor, accumulate: str = "fp64"):
+def channel_similarity(student: torch.Tensor, teacher: torch.Tensor,
+                       accumulate: str = DEFAULT_ACCUMULATE):
+    """``B×C×S…``, ``B×C×S'…`` → scalar: MSE between the ``B×C×C`` channel maps. The
+    channel map of ``F`` is the spatial map of ``Fᵀ`` (channels and positions swapped, the
+    same ``+ε`` normalisation and the same mean over ``B·C²``), so this is
+    :func:`spatial_similarity` of the transposed features: the ``C×C`` maps built directly
+    while ``N`` is above about ``C``, and for deep layers (``N`` below about ``C``) the
+    identity over the ``N×N`` Grams ``F̂tᵀF̂t``, ``F̂sᵀF̂s``, ``F̂tᵀF̂s`` (float64 under
+    ``"auto"``: it cancels like the spatial one)."""
+    return spatial_similarity(channels_as_positions(student), channels_as_positions(teacher),
+                              accumulate)
+
+
+def batch_similarity(student: torch.Tensor, teacher: torch.Tensor,
+                     accumulate: str = DEFAULT_ACCUMULATE):
     """``B×…``, ``B×…`` → scalar: MSE between the row-normalised ``B×B`` batch Grams
-    (already small: the same computation as the reference, at the chosen precision)."""
-    dtype = accumulation_dtype(accumulate)
+    (already small: the same computation as the reference, at the chosen precision; a map
+    built directly, so float32 under ``"auto"``)."""
+    dtype = accumulation_dtype(accumulate, cancels=False, dtype=student.dtype)
 
     def batch_map(f):
         q = f.flatten(1).to(dtype)

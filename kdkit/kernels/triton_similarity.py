@@ -22,9 +22,12 @@ warps come from :func:`launch_settings` (checked for spills by
     _normalise_grad  back through the position normalisation, plus the raw-Gram gradient,
                      written in the student's dtype
 
-``accumulate="fp64"`` makes ``_gram`` and ``_gram_grad`` multiply and accumulate in float64
-(exact products of the float32 values), which keeps the loss accurate when the student is
-near the teacher; ``"fp32"`` uses IEEE float32 (never TF32).
+Float64 accumulation (``accumulate="fp64"``, and ``"auto"`` for the normalised Gram, whose
+spatial identity cancels) makes ``_gram`` and ``_gram_grad`` multiply and accumulate in
+float64 (exact products of the float32 values), which keeps the loss accurate when the
+student is near the teacher; float32 (``"fp32"``, and ``"auto"`` for raw Grams alone) is
+IEEE float32 (never TF32). Layers with fewer positions than about their channels go to
+:mod:`kdkit.kernels.factored`, whose ``N×N`` forms are the cheaper ones there.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ import triton
 import triton.language as tl
 
 from kdkit.errors import KernelFailure
-from kdkit.kernels import describe_error
+from kdkit.kernels import describe_error, factored
 from kdkit.kernels.common import (
+    DEFAULT_ACCUMULATE,
     EPS,
     accumulation_dtype,
     batch_map_from_gram,
@@ -484,16 +488,18 @@ def stacked_gram(
     teacher: torch.Tensor | None = None,
     normalise: bool = True,
     raw: bool = False,
-    accumulate: str = "fp64",
+    accumulate: str = DEFAULT_ACCUMULATE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised Gram, raw Gram) of ``H = [teacher; student]``: each ``B×R×R`` in the
-    accumulation dtype (empty when not asked for). Differentiable in ``student`` only."""
-    acc_dtype = accumulation_dtype(accumulate)
+    accumulation dtype (empty when not asked for). Differentiable in ``student`` only.
+    ``"auto"``: float64 when the normalised Gram is asked for (the spatial identity
+    cancels), else the result dtype (raw Grams become channel and batch maps directly)."""
     student = _flat(student)
     teacher = None if teacher is None else _flat(teacher.detach())
     # one pointer reads a block of either tensor, so both come in one dtype
     dtype = student.dtype if teacher is None else torch.promote_types(teacher.dtype,
                                                                       student.dtype)
+    acc_dtype = accumulation_dtype(accumulate, cancels=normalise, dtype=dtype)
     dtype = launch_dtype(dtype, acc_dtype)
     student = student.to(dtype)
     teacher = None if teacher is None else teacher.to(dtype)
@@ -510,15 +516,36 @@ def _channel_from_grams(student_gram: torch.Tensor, teacher_gram: torch.Tensor):
     return diff.square().mean()
 
 
-def spatial_similarity(student, teacher, accumulate="fp64"):
-    """MSE between the ``B×N×N`` spatial maps from one normalised stacked Gram."""
+def _spatial_by_grams(student: torch.Tensor, teacher: torch.Tensor) -> bool:
+    """Whether the spatial loss of this layer is cheaper through the ``C×C`` Grams, which
+    the kernels compute, than through the ``N×N`` maps (:func:`factored.gram_is_cheaper`)."""
+    n = _flat(student).shape[2]
+    return factored.gram_is_cheaper(n, student.shape[1], teacher.shape[1])
+
+
+def _channel_by_maps(student: torch.Tensor, teacher: torch.Tensor) -> bool:
+    """Whether the channel loss of this layer is cheaper through the ``C×C`` maps, which
+    the kernels compute, than through the ``N×N`` Grams (the positions as channels)."""
+    ns, nt = _flat(student).shape[2], _flat(teacher).shape[2]
+    return not factored.gram_is_cheaper(student.shape[1], ns, nt)
+
+
+def spatial_similarity(student, teacher, accumulate=DEFAULT_ACCUMULATE):
+    """MSE between the ``B×N×N`` spatial maps from one normalised stacked Gram; layers
+    with ``N`` below about ``C`` go to :func:`factored.spatial_similarity` (its ``N×N``
+    maps, small there)."""
+    if not _spatial_by_grams(student, teacher):
+        return factored.spatial_similarity(student, teacher, accumulate)
     gram, _ = stacked_gram(student, teacher, normalise=True, accumulate=accumulate)
     n = _flat(student).shape[2]
     return _spatial_from_gram(gram, teacher.shape[1], n).to(result_dtype(student.dtype))
 
 
-def channel_similarity(student, teacher, accumulate="fp64"):
-    """MSE between the ``B×C×C`` channel maps from the raw Grams of each side."""
+def channel_similarity(student, teacher, accumulate=DEFAULT_ACCUMULATE):
+    """MSE between the ``B×C×C`` channel maps from the raw Grams of each side; layers with
+    ``N`` below about ``C`` go to :func:`factored.channel_similarity` (the ``N×N`` Grams)."""
+    if not _channel_by_maps(student, teacher):
+        return factored.channel_similarity(student, teacher, accumulate)
     _, student_gram = stacked_gram(student, None, normalise=False, raw=True,
                                    accumulate=accumulate)
     with torch.no_grad():
@@ -527,8 +554,13 @@ def channel_similarity(student, teacher, accumulate="fp64"):
     return _channel_from_grams(student_gram, teacher_gram).to(result_dtype(student.dtype))
 
 
-def spatial_channel_similarity(student, teacher, accumulate="fp64"):
-    """Spatial plus channel loss from one pass over both feature maps (same C and N)."""
+def spatial_channel_similarity(student, teacher, accumulate=DEFAULT_ACCUMULATE):
+    """Spatial plus channel loss from one pass over both feature maps (same C and N), in
+    the precision the spatial Grams need (both Grams share the loads and the MMA loop);
+    layers with ``N`` below about ``C`` take the two losses separately."""
+    if not (_spatial_by_grams(student, teacher) and _channel_by_maps(student, teacher)):
+        return (spatial_similarity(student, teacher, accumulate)
+                + channel_similarity(student, teacher, accumulate))
     normalised, raw = stacked_gram(student, teacher, normalise=True, raw=True,
                                    accumulate=accumulate)
     c, n = teacher.shape[1], _flat(student).shape[2]
@@ -537,7 +569,7 @@ def spatial_channel_similarity(student, teacher, accumulate="fp64"):
     return (spatial + channel).to(result_dtype(student.dtype))
 
 
-def batch_similarity(student, teacher, accumulate="fp64"):
+def batch_similarity(student, teacher, accumulate=DEFAULT_ACCUMULATE):
     """MSE between the row-normalised ``B×B`` batch Grams: the Gram kernel run on the
     batch as the rows of a single ``1×B×(C·N)`` matrix."""
     _, student_gram = stacked_gram(student.reshape(1, student.shape[0], -1), None,
