@@ -6,12 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from toy_task import ToyTask
 
 import kdkit.data.workers as workers
 from kdkit.config import ConfigError, run_config_from_mapping
 from kdkit.data import SamplePool, SeededDataset, resolve_num_workers
+from kdkit.distributed import World
 from kdkit.errors import DataError
 from kdkit.sampling import KeyedSamples
+from kdkit.training import evaluation
+from kdkit.training.run import _training_data
 from tasks.matting.task import MattingTask
 from tasks.segmentation.task import SegmentationTask
 
@@ -63,8 +67,13 @@ def test_pool_refuses_fields_it_cannot_keep_exactly():
     def unequal_sizes(seed):
         return {"image": np.zeros((2 + seed, 2), np.uint8)}
 
+    def half_alpha(seed):  # 0.5 is no multiple of 1/255
+        return {"alpha": np.full((2, 2), 0.5, np.float32)}
+
     with pytest.raises(DataError, match="'alpha' is float64"):
         SamplePool.build(float64_alpha, [0], processes=1, progress=False)
+    with pytest.raises(DataError, match="'alpha' is float32 and does not fit"):
+        SamplePool.build(half_alpha, [0], processes=1, progress=False)
     with pytest.raises(DataError, match="one size; seed 1's 'image'"):
         SamplePool.build(unequal_sizes, [0, 1], processes=1, progress=False)
 
@@ -152,3 +161,14 @@ def test_num_workers_auto_uses_the_cores_but_one(monkeypatch):
     with pytest.raises(ConfigError, match="train.num_workers: expected an integer >= 0 or "
                                           "'auto'.*found 'all'"):
         run_config_from_mapping({**run, "train": {"num_workers": "all"}})
+
+
+def test_the_training_and_evaluation_loaders_resolve_auto(monkeypatch):
+    monkeypatch.setattr(workers, "usable_cores", lambda: 3)
+    run = run_config_from_mapping({"task": "toy_task:ToyTask", "model": {}, "out_dir": "x",
+                                   "train": {"num_workers": "auto", "batch_size": 2}})
+    assert _training_data(run, ToyTask(), World()).loader.num_workers == 2
+    monkeypatch.setattr(workers, "usable_cores", lambda: 1)  # in the main process
+    _, eval_set = ToyTask().datasets({})
+    batches = evaluation.test_batches(eval_set, torch.device("cpu"), "auto")
+    assert len(list(batches)) == len(eval_set)
