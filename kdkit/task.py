@@ -37,7 +37,14 @@ class Task(Protocol):
       ranks and tests methods on it (a compare config's ``report.primary`` overrides it);
     - optional ``metric_units`` (``{metric name: unit}``, e.g. ``{"SAD": "sum ÷ 1000"}``):
       the report's headers state them; optional ``metrics_version`` (an int, 1 when
-      absent): bump it when the metrics change, so cached per-image metrics are recomputed.
+      absent): bump it when the metrics change, so cached per-image metrics are recomputed;
+    - :meth:`datasets` sees only ``data:``, so what a batch carries is said there: fields
+      that only some loss terms use are left out through ``data:`` (matting's
+      ``data.fields``: fg and bg only for the composition loss), and :meth:`losses` raises a
+      :class:`~kdkit.errors.ConfigError` naming that key when a term finds its field missing;
+    - a training set with a ``prepare()`` method (a :class:`~kdkit.data.SeededDataset` with
+      ``pool``) is prepared by :class:`~kdkit.sampling.KeyedSamples` in the process that
+      builds the loader, before its workers start, so they share what it made.
     """
 
     primary_metric: tuple[str, str]
