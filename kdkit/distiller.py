@@ -36,7 +36,8 @@ from kdkit.capture import (
 from kdkit.errors import ConfigError, NonFiniteLossError
 from kdkit.losses import bind_teacher, build_loss, takes_lists
 
-__all__ = ["DistillTerm", "Distiller", "DistillerOutput", "OUTPUT"]
+__all__ = ["DistillTerm", "Distiller", "DistillerOutput", "OUTPUT", "TeacherPass",
+           "record_teacher", "shared_teacher_recorder"]
 
 OUTPUT = "output"  # a feature reference meaning the model's own output
 
@@ -94,6 +95,32 @@ class DistillerOutput(NamedTuple):
     student_output: Any
     losses: dict[str, torch.Tensor]
     teacher_output: Any
+
+
+class TeacherPass(NamedTuple):
+    """The frozen teacher's forward on one batch: ``output`` and ``features``, the recorded
+    tensors by feature reference (detached)."""
+
+    output: Any
+    features: dict[str, torch.Tensor]
+
+
+def record_teacher(teacher: nn.Module, recorder: FeatureRecorder, refs: list[str],
+                   args: tuple, kwargs: dict) -> TeacherPass:
+    """The :class:`TeacherPass` of ``teacher`` on the inputs, without gradients, keeping
+    ``refs`` from ``recorder`` (initialised on ``teacher``)."""
+    with torch.no_grad(), recorder:
+        output = teacher(*args, **kwargs)
+    return TeacherPass(output, {ref: recorder[ref] for ref in refs})
+
+
+def shared_teacher_recorder(teacher: nn.Module, distillers: Sequence[Distiller]) -> tuple:
+    """(a recorder on ``teacher`` of every teacher feature that ``distillers`` name, those
+    references): one teacher pass for several students (cloned where any term clones)."""
+    refs = list(dict.fromkeys(r for d in distillers for r in d.feature_refs("teacher")[0]))
+    cloned = [r for d in distillers for r in d.feature_refs("teacher")[1]]
+    recorder = FeatureRecorder(refs, detach=True, clone=cloned)
+    return recorder.initialize(teacher, "teacher"), refs
 
 
 def _require_separate_models(teacher: nn.Module, student: nn.Module) -> None:
@@ -212,20 +239,24 @@ class Distiller(nn.Module):
             return unwrap_model(self.teacher)
         return resolve_module(self.teacher, FeatureRef.parse(ref).name, "teacher")
 
+    def feature_refs(self, role: str) -> tuple[list[str], list[str]]:
+        """(every feature reference of the ``"student"`` or ``"teacher"`` side of the terms,
+        ``"output"`` left out; those to clone)."""
+        names = [ref for term in self.terms for ref in term.refs(role) if ref != OUTPUT]
+        cloned = [ref for term in self.terms if term.clone for ref in term.refs(role)
+                  if ref != OUTPUT]
+        return list(dict.fromkeys(names)), list(dict.fromkeys(cloned))
+
     def _recorder(self, model: nn.Module, role: str) -> FeatureRecorder:
         """A recorder of every module that ``role``'s side of the terms names."""
-        names, cloned = [], []
         for term, term_name in zip(self.terms, self.term_names):
             for ref in term.refs(role):
-                if ref == OUTPUT:
-                    continue
                 try:
-                    resolve_module(model, FeatureRef.parse(ref).name, role)
+                    if ref != OUTPUT:
+                        resolve_module(model, FeatureRef.parse(ref).name, role)
                 except UnknownModuleError as error:
                     raise UnknownModuleError(f"term {term_name!r}: {error}") from None
-                names.append(ref)
-                if term.clone:
-                    cloned.append(ref)
+        names, cloned = self.feature_refs(role)
         # the student's hooks stay registered, so a compiled student sees the same hooks
         # on every step (recording only inside the Distiller's forward)
         recorder = FeatureRecorder(names, detach=role == "teacher", clone=cloned,
@@ -242,20 +273,24 @@ class Distiller(nn.Module):
         modules = (self.student, self.adapters, self.losses)
         return [p for m in modules for p in m.parameters() if p.requires_grad]
 
-    def _run(self, args: tuple, kwargs: dict) -> tuple[Any, Any]:
-        with torch.no_grad(), self._teacher_recorder:
-            teacher_output = self.teacher(*args, **kwargs)
+    def teacher_pass(self, *args, **kwargs) -> TeacherPass:
+        """The teacher's forward on the inputs, without gradients: its output and the
+        features the terms name (what :meth:`student_losses` takes)."""
+        return record_teacher(self.teacher, self._teacher_recorder,
+                              self.feature_refs("teacher")[0], args, kwargs)
+
+    def _student_forward(self, args: tuple, kwargs: dict) -> Any:
         with self._student_recorder:
-            student_output = self.student(*args, **kwargs)
-        return student_output, teacher_output
+            return self.student(*args, **kwargs)
 
     def _features(self, refs: list[str], recorder: FeatureRecorder, output: Any) -> list:
         return [output if ref == OUTPUT else recorder[ref] for ref in refs]
 
-    def _term_features(self, index: int, student_output: Any, teacher_output: Any):
+    def _term_features(self, index: int, student_output: Any, teacher: TeacherPass):
         term = self.terms[index]
         student = self._features(term.refs("student"), self._student_recorder, student_output)
-        teacher = self._features(term.refs("teacher"), self._teacher_recorder, teacher_output)
+        teacher = [teacher.output if ref == OUTPUT else teacher.features[ref]
+                   for ref in term.refs("teacher")]
         if len(student) != len(teacher):
             raise ConfigError(
                 f"term {self.term_names[index]!r}: {len(student)} student feature(s) but "
@@ -284,9 +319,10 @@ class Distiller(nn.Module):
         self.student.eval()
         try:
             with torch.no_grad():
-                student_output, teacher_output = self._run(args, {})
+                teacher_pass = self.teacher_pass(*args)
+                student_output = self._student_forward(args, {})
                 for i, term in enumerate(self.terms):
-                    student, teacher = self._term_features(i, student_output, teacher_output)
+                    student, teacher = self._term_features(i, student_output, teacher_pass)
                     if term.adapter:
                         self.adapters[i].extend(
                             build_adapter(term.adapter, s.shape[1], t.shape[1]).to(
@@ -299,18 +335,25 @@ class Distiller(nn.Module):
             self.student.train(was_training)
 
     def forward(self, *args, **kwargs) -> DistillerOutput:
-        """Run both models on the same inputs; returns a :class:`DistillerOutput`."""
-        student_output, teacher_output = self._run(args, kwargs)
+        """Run both models on the same inputs; returns a :class:`DistillerOutput`
+        (:meth:`teacher_pass`, then :meth:`student_losses`)."""
+        return self.student_losses(self.teacher_pass(*args, **kwargs), *args, **kwargs)
+
+    def student_losses(self, teacher: TeacherPass, *args, **kwargs) -> DistillerOutput:
+        """Run the student on the inputs and compute every term against ``teacher``, the
+        :class:`TeacherPass` of the same inputs (this distiller's own, or one shared by
+        several students: :func:`record_teacher`)."""
+        student_output = self._student_forward(args, kwargs)
         losses: dict[str, torch.Tensor] = {}
         features = []
         for i, (term, name) in enumerate(zip(self.terms, self.term_names)):
-            student, teacher = self._term_features(i, student_output, teacher_output)
-            losses[name] = term.weight * self._term_loss(i, student, teacher)
-            features.append((student, teacher))
+            student, teacher_features = self._term_features(i, student_output, teacher)
+            losses[name] = term.weight * self._term_loss(i, student, teacher_features)
+            features.append((student, teacher_features))
         if self.check_finite:
             self._check_finite(losses, features)
         losses["total"] = sum(losses.values())
-        return DistillerOutput(student_output, losses, teacher_output)
+        return DistillerOutput(student_output, losses, teacher.output)
 
     def _check_finite(self, losses: dict[str, torch.Tensor], features: list) -> None:
         """Raise :class:`NonFiniteLossError` for the first term whose features

@@ -20,13 +20,13 @@ from tqdm import tqdm
 from kdkit.config import RunConfig
 from kdkit.distributed import World, end_world, setup_world
 from kdkit.task import Task
-from kdkit.training.batch import to_device
+from kdkit.training.batch import cudnn_benchmark, to_device
 from kdkit.training.evaluation import evaluate, metric_values, test_batches
 from kdkit.training.folder import CHECKPOINT, WEIGHTS, RunFolder
-from kdkit.training.run import Run, build_model, build_run, resolve_device
-from kdkit.training.runlog import LOG, Pace, RunLog, open_run_log, read_log
-from kdkit.training.state import restore_state, save_checkpoint, save_weights
-from kdkit.training.step import StepResult, train_step
+from kdkit.training.run import build_model, resolve_device
+from kdkit.training.runlog import LOG, read_log
+from kdkit.training.session import Session, open_session
+from kdkit.training.step import train_step
 
 __all__ = [
     "CHECKPOINT",
@@ -59,81 +59,32 @@ def train(run: RunConfig, task: Task, resume: bool = True, progress: bool = True
 
 def _train(config: RunConfig, task: Task, folder: RunFolder, resume: bool, progress: bool,
            world: World) -> dict:
-    """Check the folder, build the run and restore its checkpoint, write the config, then
-    train to ``train.steps`` (a run that had finished returns its logged final metrics)."""
-    state = folder.resume_state(config, resume, world.device)
-    run = build_run(config, task, world)
-    if state is not None:
-        restore_state(run, state, folder.checkpoint)
-        if progress:
-            print(f"resuming {folder.path} from step {run.step}")
-    with open_run_log(folder.path, config.train.log, run.step, world.is_main) as log:
-        folder.write_config(config)  # only once the model and its checkpoint have loaded
-        metrics = _final_metrics_logged(run, folder)
+    """Open the run's session (folder checked, run built and restored, config written),
+    then train to ``train.steps`` (a run that had finished returns its logged final
+    metrics)."""
+    with open_session(config, task, folder, resume, progress, world) as session:
+        metrics = session.final_metrics_logged()
         if metrics is None:
-            _loop(run, folder, log, progress)
-            metrics = _finish(run, folder, log, progress)
+            _loop(session)
+            metrics = session.finish()
         elif progress:
-            print(f"{folder.path} had finished at step {run.step}; its final metrics:")
+            print(f"{folder.path} had finished at step {session.run.step}; its final metrics:")
     if progress:
         print(f"{folder.path}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics
 
 
-def _final_metrics_logged(run: Run, folder: RunFolder) -> dict[str, float] | None:
-    """A finished run's final metrics (saved weights and a logged final evaluation), else
-    ``None``."""
-    logged = [r for r in read_log(folder.path, "eval") if r["step"] == run.step]
-    if not (run.finished and folder.weights.exists() and logged):
-        return None
-    return {k: v for k, v in logged[-1].items() if k not in ("kind", "step")}
-
-
-def _train_record(run: Run, result: StepResult, pace: Pace) -> dict:
-    """The ``kind: train`` log record of the step just taken."""
-    return {"kind": "train", "step": run.step, **result.values(run.config.loss),
-            "lr": run.schedule.get_last_lr()[0], "ms_per_step": pace.lap(run.step)}
-
-
-def _evaluate(run: Run, log: RunLog, progress: bool) -> dict[str, float]:
-    """Evaluate the run's model now, and log the metrics at its step."""
-    metrics = evaluate(run.task, run.model, run.data.eval_set, run.config, run.device,
-                       progress, run.world)
-    log.write({"kind": "eval", "step": run.step, **metrics})
-    return metrics
-
-
-def _loop(run: Run, folder: RunFolder, log: RunLog, progress: bool) -> None:
-    """Step ``run`` to ``train.steps``: log, checkpoint and evaluate as configured."""
-    settings = run.settings
+def _loop(session: Session) -> None:
+    """Step the session's run to ``train.steps``, its bookkeeping after each step."""
+    run, steps = session.run, session.run.settings.steps
     batches = run.data.batches(run.step)
-    (run.distiller or run.student).train()
-    pace = Pace(run.step)
-    bar = tqdm(range(run.step, settings.steps), initial=run.step, total=settings.steps,
-               desc=f"train {folder.path.name}", disable=not progress, mininterval=1.0)
-    for _ in bar:
-        result = train_step(run, run.prepare(next(batches)))
-        if result.skipped:
-            log.write({"kind": "skip", "step": run.step, "terms": sorted(result.nonfinite)})
-            if run.world.is_main:
-                where = result.nonfinite or "a loss on another process"
-                tqdm.write(f"step {run.step}: skipped, {where} non-finite")
-        elif run.step % settings.log_every == 0 or run.finished:
-            record = _train_record(run, result, pace)
-            log.write(record)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()
-                             if k not in ("kind", "step")}, refresh=False)
-        if settings.checkpoint_every and run.step % settings.checkpoint_every == 0:
-            save_checkpoint(run, folder.checkpoint)
-        if settings.eval_every and run.step % settings.eval_every == 0 and not run.finished:
-            metrics = _evaluate(run, log, progress)
-            if progress:
-                tqdm.write(f"step {run.step}: " + ", ".join(f"{k} {v:.4g}"
-                                                             for k, v in metrics.items()))
-
-
-def _finish(run: Run, folder: RunFolder, log: RunLog, progress: bool) -> dict[str, float]:
-    """The final checkpoint, weights and evaluation."""
-    save_checkpoint(run, folder.checkpoint)
-    save_weights(run, folder.weights)
-    return _evaluate(run, log, progress)
+    session.begin()
+    bar = tqdm(range(run.step, steps), initial=run.step, total=steps,
+               desc=f"train {session.folder.path.name}", disable=not session.progress,
+               mininterval=1.0)
+    with cudnn_benchmark(run.device, True):
+        for _ in bar:
+            record = session.after_step(train_step(run, run.prepare(next(batches))))
+            if record is not None:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()
+                                 if k not in ("kind", "step")}, refresh=False)

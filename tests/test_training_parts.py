@@ -21,7 +21,7 @@ from kdkit.training.folder import resume_problems
 from kdkit.training.run import build_run
 from kdkit.training.runlog import Pace
 from kdkit.training.state import checkpoint_state, restore_state
-from kdkit.training.step import ground_truth_loss, train_step
+from kdkit.training.step import check_finite, ground_truth_loss, train_step
 
 
 def _train(run: dict, **options) -> dict:
@@ -157,7 +157,7 @@ def test_checkpoint_state_round_trips_into_a_fresh_run(tmp_path):
     assert fresh.schedule.state_dict()["last_epoch"] == 2
     assert torch.equal(fresh.optimizer.state_dict()["state"][0]["momentum_buffer"],
                        run.optimizer.state_dict()["state"][0]["momentum_buffer"])
-    assert torch.equal(torch.get_rng_state(), state["rng"][0])
+    assert torch.equal(fresh.random.cpu, state["rng"][0])
 
 
 def test_a_checkpoint_of_another_process_count_is_refused(tmp_path):
@@ -245,3 +245,97 @@ def test_tensorboard_missing_says_what_to_install(tmp_path, monkeypatch):
 def test_unknown_log_sinks_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.log\[1\].*Valid values: jsonl, tensorboard"):
         run_config_from_mapping(toy_run(tmp_path / "run", log=["jsonl", "csv"]))
+
+
+# -- non-finite steps skipped on the device, read every log_every steps -------------------
+
+
+@pytest.fixture
+def device_skips(monkeypatch):
+    """The CUDA path on the CPU: the fused optimizer skips flagged steps on the device and
+    the flags are read every log_every steps; returns the list of check sizes read."""
+    from kdkit.training import run as run_module
+    from kdkit.training import session as session_module
+
+    monkeypatch.setattr(run_module, "skips_on_device", lambda device: True)
+    reads = []
+
+    def counting_check(run):
+        reads.append(len(run.unchecked))
+        return check_finite(run)
+
+    monkeypatch.setattr(session_module, "check_finite", counting_check)
+    return reads
+
+
+def test_poisoned_steps_are_skipped_on_the_device_and_named_when_read(tmp_path, device_skips):
+    from test_reliability import _steps_with
+
+    run = toy_run(tmp_path / "skip", on_nonfinite="skip", steps=8, log_every=4)
+    run["data"]["poison"] = [5]
+    _train(run)
+    assert device_skips == [4, 4]  # read twice, four steps each: no per-step sync
+    skipped = read_log(tmp_path / "skip", "skip")
+    assert [r["step"] for r in skipped] == _steps_with(5, 2)
+    assert skipped[0]["terms"] == ["mse"]
+    checkpoint = load_checkpoint(tmp_path / "skip" / "checkpoint.pt")
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    # the fused Adam undid its step count on the skipped steps: no update was applied
+    assert {int(s["step"]) for s in checkpoint["optimizer"]["state"].values()} == {8 - 2}
+
+
+def test_a_poisoned_step_read_later_still_stops_naming_term_and_step(tmp_path, device_skips):
+    from test_reliability import _steps_with
+
+    run = toy_run(tmp_path / "nan", steps=8, log_every=8)
+    run["data"]["poison"] = [5]
+    with pytest.raises(NonFiniteLossError, match=rf"'mse'.* at step {_steps_with(5, 1)[0]};"
+                                                 r".* No checkpoint was written yet"):
+        _train(run)
+    assert device_skips == [8]
+
+
+def test_the_host_reads_every_step_on_the_cpu(tmp_path, monkeypatch):
+    from kdkit.training import session as session_module
+
+    reads = []
+    monkeypatch.setattr(session_module, "check_finite",
+                        lambda run: reads.append(len(run.unchecked)) or check_finite(run))
+    _train(toy_run(tmp_path / "cpu", steps=4, log_every=4))
+    assert reads == [1, 1, 1, 1]
+
+
+# -- each run's own random stream, cuDNN autotuning for training steps ------------------
+
+
+def test_each_run_draws_from_its_own_stream_whatever_steps_in_between():
+    from kdkit.training.randomness import RandomStream
+
+    cpu = torch.device("cpu")
+    alone = RandomStream.seeded(3, 0, cpu)
+    with alone.active():
+        expected = [torch.rand(2) for _ in range(3)]
+    outer = torch.get_rng_state()
+    first, other = RandomStream.seeded(3, 0, cpu), RandomStream.seeded(4, 0, cpu)
+    drawn = []
+    for _ in range(3):  # interleaved with another run's draws and with global draws
+        with first.active():
+            drawn.append(torch.rand(2))
+        with other.active():
+            torch.rand(5)
+    assert all(torch.equal(a, b) for a, b in zip(drawn, expected))
+    assert torch.equal(torch.get_rng_state(), outer)  # the global stream is left alone
+
+
+def test_cudnn_autotunes_training_steps_only():
+    from kdkit.training.batch import cudnn_benchmark
+
+    before = torch.backends.cudnn.benchmark
+    with cudnn_benchmark(torch.device("cuda"), True):
+        assert torch.backends.cudnn.benchmark
+        with cudnn_benchmark(torch.device("cuda"), False):  # evaluation inside training
+            assert not torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark == before
+    with cudnn_benchmark(torch.device("cpu"), True):
+        assert torch.backends.cudnn.benchmark == before

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-__all__ = ["channels_last", "prepare_batch", "to_device"]
+__all__ = ["channels_last", "cudnn_benchmark", "prepare_batch", "to_device"]
 
 
 def _map_tensors(batch: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -36,3 +37,20 @@ def prepare_batch(batch: Any, device: torch.device, in_channels_last: bool) -> A
     """A loader's batch on ``device``, in channels-last format when the run asks for it."""
     batch = to_device(batch, device)
     return channels_last(batch) if in_channels_last else batch
+
+
+@contextmanager
+def cudnn_benchmark(device: torch.device, enabled: bool) -> Iterator[None]:
+    """cuDNN's kernel autotuning on ``device`` (CUDA only) switched to ``enabled`` inside the
+    block: on for training steps, whose batches have one shape (the task's training crop),
+    so each convolution is tuned once; off for evaluation, whose images differ in size
+    (every new shape would be tuned again)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

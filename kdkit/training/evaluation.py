@@ -14,7 +14,7 @@ from kdkit.config import RunConfig
 from kdkit.data import resolve_num_workers
 from kdkit.distributed import World
 from kdkit.task import Task
-from kdkit.training.batch import to_device
+from kdkit.training.batch import cudnn_benchmark, to_device
 
 __all__ = ["evaluate", "metric_values", "test_batches"]
 
@@ -49,7 +49,8 @@ def evaluate(task: Task, model: nn.Module, dataset: Dataset, run: RunConfig,
     was_training = model.training
     model.eval()
     metrics = task.metrics(run.metrics).to(device)
-    for batch in test_batches(dataset, device, run.train.num_workers, progress, world):
-        task.update_metrics(metrics, model(*task.model_inputs(batch)), batch)
+    with cudnn_benchmark(device, False):  # evaluation images differ in size
+        for batch in test_batches(dataset, device, run.train.num_workers, progress, world):
+            task.update_metrics(metrics, model(*task.model_inputs(batch)), batch)
     model.train(was_training)
     return metric_values(metrics)

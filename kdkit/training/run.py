@@ -12,10 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -30,8 +29,10 @@ from kdkit.pruning import load_pruned, prepare_for_sparsity
 from kdkit.sampling import KeyedSamples, ResumableSampler, endless_batches
 from kdkit.task import Task
 from kdkit.training.batch import prepare_batch
+from kdkit.training.randomness import RandomStream
 
-__all__ = ["AMP_DTYPES", "Run", "TrainingData", "build_model", "build_run", "resolve_device"]
+__all__ = ["AMP_DTYPES", "Run", "TrainingData", "build_model", "build_run", "needs_teacher",
+           "resolve_device", "skips_on_device"]
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -97,9 +98,11 @@ class Run:
     ``model`` is the bare student (what checkpoints and ``model.pt`` hold); ``student`` is
     what the forward calls (``model``, wrapped in DDP and/or compiled). ``parameters`` are
     what the optimizer updates; ``extras`` those among them outside DDP (distillation
-    adapters and loss modules), whose gradients are averaged by hand. ``step`` counts the
-    steps taken; ``last_checkpoint`` is the step of the newest checkpoint, ``None`` before
-    the first."""
+    adapters and loss modules), whose gradients are averaged by hand. ``random`` is the
+    run's own random stream (:mod:`kdkit.training.randomness`). ``step`` counts the steps
+    taken; ``last_checkpoint`` is the step of the newest checkpoint, ``None`` before the
+    first. ``unchecked`` holds the steps whose finiteness was not read yet
+    (:func:`kdkit.training.step.check_finite`)."""
 
     config: RunConfig
     task: Task
@@ -114,9 +117,11 @@ class Run:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    random: RandomStream
     step: int = 0
     last_checkpoint: int | None = None
     skipped_in_a_row: int = 0
+    unchecked: list = field(default_factory=list)
 
     @property
     def settings(self) -> TrainSettings:
@@ -125,6 +130,13 @@ class Run:
     @property
     def device(self) -> torch.device:
         return self.world.device
+
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether a non-finite step is skipped on the device (CUDA: the fused optimizer
+        reads a device flag, no host synchronisation) rather than by the host reading the
+        loss each step (the CPU, where reading a value waits for nothing)."""
+        return skips_on_device(self.device)
 
     @property
     def finished(self) -> bool:
@@ -146,12 +158,21 @@ def amp_enabled(settings: TrainSettings, device: torch.device) -> bool:
     return settings.amp and (device.type == "cuda" or settings.amp_dtype == "bf16")
 
 
-def _optimizer(parameters: list[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
-    """``train.optimizer`` (a choice that :mod:`kdkit.config` checks) over ``parameters``."""
+def skips_on_device(device: torch.device) -> bool:
+    """See :attr:`Run.skips_on_device`."""
+    return device.type == "cuda"
+
+
+def _optimizer(parameters: list[nn.Parameter], settings: TrainSettings,
+               fused: bool) -> torch.optim.Optimizer:
+    """``train.optimizer`` (a choice that :mod:`kdkit.config` checks) over ``parameters``;
+    ``fused``: the fused implementation, which skips its step on the device when its
+    ``found_inf`` flag is set."""
     if settings.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=settings.lr, momentum=0.9,
-                               weight_decay=settings.weight_decay)
-    return torch.optim.Adam(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+                               weight_decay=settings.weight_decay, fused=fused or None)
+    return torch.optim.Adam(parameters, lr=settings.lr, weight_decay=settings.weight_decay,
+                            fused=fused or None)
 
 
 def _schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings):
@@ -211,27 +232,31 @@ def _distiller(run: RunConfig, task: Task, teacher: nn.Module, student: nn.Modul
                      example_inputs=task.model_inputs(example))
 
 
-def _seed_training_stream(seed: int, rank: int) -> None:
-    """Seed torch's global generator (and CUDA's) for process ``rank``'s training draws
-    (dropout and the like), keyed to ``(seed, rank)``: processes draw different streams."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+def needs_teacher(config: RunConfig) -> bool:
+    """Whether the run uses a teacher (distillation terms, or a teacher for task losses)."""
+    return bool(config.teacher or config.distillation)
 
 
-def build_run(config: RunConfig, task: Task, world: World) -> Run:
-    """A :class:`Run` at step 0, built from ``config`` on ``world``'s device."""
+def build_run(config: RunConfig, task: Task, world: World,
+              teacher: nn.Module | None = None) -> Run:
+    """A :class:`Run` at step 0, built from ``config`` on ``world``'s device; ``teacher``:
+    an already built teacher to use (several students sharing one), else the run's own."""
     settings, device = config.train, world.device
     model = _student_model(config, task, device)
     data = _training_data(config, task, world)
-    teacher = _teacher(config, task, device) if config.teacher or config.distillation else None
+    if needs_teacher(config):
+        teacher = teacher if teacher is not None else _teacher(config, task, device)
+    else:
+        teacher = None
     student = _wrapped(model, settings, world)
     distiller = (_distiller(config, task, teacher, student, data, device)
                  if config.distillation else None)
     extras = [p for m in (distiller.adapters, distiller.losses) for p in m.parameters()
               if p.requires_grad] if distiller else []
     parameters = [p for p in model.parameters() if p.requires_grad] + extras
-    optimizer = _optimizer(parameters, settings)
+    optimizer = _optimizer(parameters, settings, skips_on_device(device))
     scaler = torch.amp.GradScaler(  # loss scaling for fp16 only
         device.type, enabled=amp_enabled(settings, device) and settings.amp_dtype == "fp16")
-    _seed_training_stream(settings.seed, world.rank)
     return Run(config, task, world, data, model, student, teacher, distiller, parameters,
-               extras, optimizer, _schedule(optimizer, settings), scaler)
+               extras, optimizer, _schedule(optimizer, settings), scaler,
+               RandomStream.seeded(settings.seed, world.rank, device))

@@ -2,9 +2,9 @@
 :func:`restore_state` puts it back; each part has its own pair of functions.
 
 A checkpoint holds the step, the student's weights, the distiller's adapters and loss
-modules, the optimizer, the schedule, the loss scaler, and every process's random state
-(torch's CPU generator and, on CUDA, the device's), as lists in rank order: each process
-resumes its own stream.
+modules, the optimizer, the schedule, the loss scaler, and every process's random stream
+of the run (:mod:`kdkit.training.randomness`: torch's CPU generator and, on CUDA, the
+device's), as lists in rank order: each process resumes its own stream.
 """
 
 from __future__ import annotations
@@ -18,33 +18,36 @@ from kdkit.checkpoint import load_state, save_atomic
 from kdkit.distiller import Distiller
 from kdkit.distributed import World, all_gather_values
 from kdkit.errors import CheckpointError
+from kdkit.training.randomness import RandomStream
 from kdkit.training.run import Run
 
 __all__ = ["checkpoint_state", "distiller_state", "random_state", "restore_distiller",
            "restore_random_state", "restore_state", "save_checkpoint", "save_weights"]
 
 
-def random_state(world: World) -> dict[str, list[torch.Tensor]]:
-    """Every process's generator states in rank order: ``rng`` (CPU) and, on CUDA,
+def random_state(stream: RandomStream, world: World) -> dict[str, list[torch.Tensor]]:
+    """Every process's run stream states in rank order: ``rng`` (CPU) and, on CUDA,
     ``cuda_rng``. A collective: every process calls it."""
-    state = {"rng": torch.get_rng_state()}
-    if world.device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(world.device)
+    state = {"rng": stream.cpu}
+    if stream.cuda is not None:
+        state["cuda_rng"] = stream.cuda
     gathered = all_gather_values(state, world)
     return {name: [s[name].cpu() for s in gathered] for name in state}
 
 
-def restore_random_state(state: dict[str, Any], world: World, source: Path) -> None:
-    """Set this process's generators to its own entry of :func:`random_state`'s lists."""
+def restore_random_state(stream: RandomStream, state: dict[str, Any], world: World,
+                         source: Path) -> None:
+    """Set this process's run ``stream`` to its own entry of :func:`random_state`'s
+    lists."""
     states = _per_process(state["rng"])
     if len(states) != world.size:
         raise CheckpointError(
             f"{source} was written by {len(states)} process(es) and this run has "
             f"{world.size}: each process resumes its own random stream, so resume with "
             f"{len(states)} process(es), or start over with --no-resume")
-    torch.set_rng_state(states[world.rank].cpu())
+    stream.cpu = states[world.rank].cpu()
     if world.device.type == "cuda" and "cuda_rng" in state:
-        torch.cuda.set_rng_state(_per_process(state["cuda_rng"])[world.rank].cpu(), world.device)
+        stream.cuda = _per_process(state["cuda_rng"])[world.rank].cpu()
 
 
 def _per_process(states: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
@@ -72,7 +75,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
     process calls it (the random states are gathered)."""
     state = {"step": run.step, "model": run.model.state_dict(),
              "optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
-             "scaler": run.scaler.state_dict(), **random_state(run.world)}
+             "scaler": run.scaler.state_dict(), **random_state(run.random, run.world)}
     if run.distiller is not None:
         state["distiller"] = distiller_state(run.distiller)
     return state
@@ -87,7 +90,7 @@ def restore_state(run: Run, state: dict[str, Any], source: Path) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.schedule.load_state_dict(state["schedule"])
     run.scaler.load_state_dict(state["scaler"])
-    restore_random_state(state, run.world, source)
+    restore_random_state(run.random, state, run.world, source)
     run.step = run.last_checkpoint = int(state["step"])
 
 
