@@ -37,6 +37,15 @@ def _position_normalised(f: torch.Tensor, dtype: torch.dtype):
     return f * (1 / (norms + EPS)), norms
 
 
+def _through_normalisation(grad, fs, norms, scale):
+    """``∂L/∂F̂s`` (``grad``, ``B×Cs×N``, overwritten) times ``scale`` → ``∂L/∂f`` through
+    ``F̂ = f / (‖f‖ + ε)``: ``g/(‖f‖ + ε) − F̂ (F̂ᵀg)/‖f‖`` per position (no term where
+    ``f = 0``)."""
+    dot = (fs * grad).sum(dim=1, keepdim=True)
+    radial = dot * scale / torch.where(norms > 0, norms, 1.0)
+    return grad.mul_(scale / (norms + EPS)).addcmul_(fs, radial, value=-1)
+
+
 class _SpatialSimilarity(torch.autograd.Function):
     """The factored spatial loss with its closed-form backward (student only)."""
 
@@ -56,11 +65,43 @@ class _SpatialSimilarity(torch.autograd.Function):
         # ∂L/∂F̂s = 4 (Kss F̂s − Mᵀ F̂t) / (B·N²)
         grad = torch.baddbmm(kss @ fs, mts.mT, ft, alpha=-1)
         scale = grad_output.to(grad.dtype) * 4 / (batch * n * n)
-        # through F̂ = f / (‖f‖ + ε): ∂L/∂f = g/(‖f‖ + ε) − F̂ (F̂ᵀg)/‖f‖ (no term where f = 0)
-        dot = (fs * grad).sum(dim=1, keepdim=True)
-        radial = dot * scale / torch.where(norms > 0, norms, 1.0)
-        grad.mul_(scale / (norms + EPS)).addcmul_(fs, radial, value=-1)
+        grad = _through_normalisation(grad, fs, norms, scale)
         return grad.reshape(ctx.student_shape).to(ctx.student_dtype), None, None
+
+
+class _SpatialSimilarityOfDifferences(torch.autograd.Function):
+    """The spatial loss of a student with the teacher's channels, without cancellation:
+    with ``P = F̂t + F̂s`` and ``Q = F̂t − F̂s`` (formed in float64, then rounded to float32),
+    ``At − As = ½(PᵀQ + QᵀP)``, so
+
+        Σ_ij (At − As)²_ij = ½ (⟨PPᵀ, QQᵀ⟩ + ⟨PQᵀ, QPᵀ⟩)
+
+    where every term is of the loss's own size (``Q`` is small near convergence, and no
+    ``N²``-sized sums are subtracted): float32 Grams keep float32's relative precision.
+    Backward: ``∂/∂F̂s = −4 F̂s (At − As) = −((PPᵀ − QPᵀ) Q + (PQᵀ − QQᵀ) P)``, using
+    ``F̂s = (P − Q)/2``; then through the normalisation in float64 (elementwise, cheap)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher):
+        fs, norms = _position_normalised(student, torch.float64)
+        ft, _ = _position_normalised(teacher, torch.float64)
+        p, q = (ft + fs).float(), (ft - fs).float()
+        pp, qq, pq = p @ p.mT, q @ q.mT, p @ q.mT
+        per_image = (pp.double() * qq).sum(dim=(1, 2)) + (pq.double() * pq.mT).sum(dim=(1, 2))
+        batch, n = fs.shape[0], fs.shape[2]
+        ctx.save_for_backward(fs, norms, p, q, pp, qq, pq)
+        ctx.student_shape, ctx.student_dtype = student.shape, student.dtype
+        return per_image.sum() / (2 * batch * n * n)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        fs, norms, p, q, pp, qq, pq = ctx.saved_tensors
+        batch, n = fs.shape[0], fs.shape[2]
+        grad = torch.baddbmm((pp - pq.mT) @ q, pq - qq, p)  # −∂/∂F̂s Σ (At − As)²
+        scale = grad_output.double() * -1 / (batch * n * n)
+        # in float64: its radial part cancels (exactly, for a single channel)
+        grad = _through_normalisation(grad.double(), fs, norms, scale)
+        return grad.reshape(ctx.student_shape).to(ctx.student_dtype), None
 
 
 def gram_is_cheaper(n: int, student_channels: int, teacher_channels: int) -> bool:
@@ -78,10 +119,13 @@ def spatial_similarity(student: torch.Tensor, teacher: torch.Tensor,
     Grams in float64 (the identity cancels), the maps in float32 (built directly)."""
     n = student[0, 0].numel()
     by_grams = gram_is_cheaper(n, student.shape[1], teacher.shape[1])
-    dtype = accumulation_dtype(accumulate, cancels=by_grams, dtype=student.dtype)
-    if by_grams:
+    if by_grams and accumulate == "auto" and student.shape[1] == teacher.shape[1]:
+        loss = _SpatialSimilarityOfDifferences.apply(student, teacher.detach())
+    elif by_grams:
+        dtype = accumulation_dtype(accumulate, cancels=True, dtype=student.dtype)
         loss = _SpatialSimilarity.apply(student, teacher.detach(), dtype)
     else:
+        dtype = accumulation_dtype(accumulate, cancels=False, dtype=student.dtype)
         loss = reference.spatial_similarity(student.to(dtype), teacher.to(dtype))
     return loss.to(result_dtype(student.dtype))
 
