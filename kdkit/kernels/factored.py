@@ -71,7 +71,8 @@ class _SpatialSimilarity(torch.autograd.Function):
 
 class _SpatialSimilarityOfDifferences(torch.autograd.Function):
     """The spatial loss of a student with the teacher's channels, without cancellation:
-    with ``P = F̂t + F̂s`` and ``Q = F̂t − F̂s`` (formed in float64, then rounded to float32),
+    with ``P = F̂t + F̂s`` and ``Q = F̂t − F̂s`` (formed in float64, then rounded to ``dtype``:
+    float32, or float64 for float64 features),
     ``At − As = ½(PᵀQ + QᵀP)``, so
 
         Σ_ij (At − As)²_ij = ½ (⟨PPᵀ, QQᵀ⟩ + ⟨PQᵀ, QPᵀ⟩)
@@ -82,10 +83,10 @@ class _SpatialSimilarityOfDifferences(torch.autograd.Function):
     ``F̂s = (P − Q)/2``; then through the normalisation in float64 (elementwise, cheap)."""
 
     @staticmethod
-    def forward(ctx, student, teacher):
+    def forward(ctx, student, teacher, dtype):
         fs, norms = _position_normalised(student, torch.float64)
         ft, _ = _position_normalised(teacher, torch.float64)
-        p, q = (ft + fs).float(), (ft - fs).float()
+        p, q = (ft + fs).to(dtype), (ft - fs).to(dtype)
         pp, qq, pq = p @ p.mT, q @ q.mT, p @ q.mT
         per_image = (pp.double() * qq).sum(dim=(1, 2)) + (pq.double() * pq.mT).sum(dim=(1, 2))
         batch, n = fs.shape[0], fs.shape[2]
@@ -101,7 +102,7 @@ class _SpatialSimilarityOfDifferences(torch.autograd.Function):
         scale = grad_output.double() * -1 / (batch * n * n)
         # in float64: its radial part cancels (exactly, for a single channel)
         grad = _through_normalisation(grad.double(), fs, norms, scale)
-        return grad.reshape(ctx.student_shape).to(ctx.student_dtype), None
+        return grad.reshape(ctx.student_shape).to(ctx.student_dtype), None, None
 
 
 def gram_is_cheaper(n: int, student_channels: int, teacher_channels: int) -> bool:
@@ -120,7 +121,8 @@ def spatial_similarity(student: torch.Tensor, teacher: torch.Tensor,
     n = student[0, 0].numel()
     by_grams = gram_is_cheaper(n, student.shape[1], teacher.shape[1])
     if by_grams and accumulate == "auto" and student.shape[1] == teacher.shape[1]:
-        loss = _SpatialSimilarityOfDifferences.apply(student, teacher.detach())
+        loss = _SpatialSimilarityOfDifferences.apply(student, teacher.detach(),
+                                                     result_dtype(student.dtype))
     elif by_grams:
         dtype = accumulation_dtype(accumulate, cancels=True, dtype=student.dtype)
         loss = _SpatialSimilarity.apply(student, teacher.detach(), dtype)
