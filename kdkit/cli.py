@@ -133,6 +133,8 @@ def _compare(args: argparse.Namespace) -> int:
     if args.budget is not None:
         parse_duration(args.budget, "--budget")
         config.budget = args.budget
+    if args.no_lockstep:
+        config.lockstep = False
     config.report.setdefault("command", "kdkit " + " ".join(args.argv))
     run_compare(config, load_task(config.task), args.w2, progress=not args.quiet)
     return 0
@@ -277,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fit the teacher, every row and every seed into this time (90s, "
                               "8m, 1h or seconds): a short warm-up measures the steps, then "
                               "the same number of steps is chosen for every student row")
+    compare.add_argument("--no-lockstep", action="store_true",
+                         help="train the rows one after another (default: the rows of a seed "
+                              "together, on one data stream with one teacher forward per batch)")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     compare.set_defaults(run=_compare)
 

@@ -7,7 +7,9 @@ training), the ``teacher`` (a ``checkpoint``, or ``train:`` settings to train it
 ``train``; or with ``prune:``, a DCP method that sparsifies and prunes first), the
 ``seeds`` and the ``baseline`` method. Every method and seed is a normal
 run folder under ``out_dir/<method>/seed<k>``: finished runs are reused and interrupted
-ones resume, so running the command again continues where it stopped.
+ones resume, so running the command again continues where it stopped. The rows of a seed
+train in lockstep (:mod:`kdkit.training.lockstep`; ``lockstep: false`` one by one), and a
+``budget`` chooses the steps (:mod:`kdkit.training.budget`).
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ from kdkit.train import (
 from kdkit.training.budget import (
     BudgetPlan,
     evaluation_reserve,
+    group_step_seconds,
     image_seconds,
     parse_duration,
     plan_steps,
-    run_step_seconds,
 )
 from kdkit.training.folder import RunFolder, resume_problems
+from kdkit.training.lockstep import alone_reason, lockstep_chunks, train_lockstep
 
 __all__ = ["CompareConfig", "evaluation_key", "load_compare_config", "method_runs",
            "needs_teacher", "run_compare"]
@@ -72,6 +75,7 @@ class CompareConfig:
     only: list[str] | None = None  # run just these methods, in this order
     report: dict[str, Any] = field(default_factory=dict)
     budget: str | float | None = None  # a time budget: 90s, 8m, 1h or seconds
+    lockstep: bool = True  # train the rows of a seed together (false: one after another)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -294,15 +298,34 @@ def _check_report_metrics(config: CompareConfig, task: Task, run) -> None:
     check_metric_names(report_settings(config.report, task), names)
 
 
-def _train_missing(config: CompareConfig, task: Task, runs: list, jobs: dict,
-                   progress: bool) -> None:
-    """Train the teacher (when trained here) and every run that has not finished; a
-    pruning method's sparsify run and pruned model first when missing."""
-    teacher = teacher_run(config)
-    if teacher is not None and not _finished(teacher):
-        if progress:
-            print(f"training the teacher → {teacher.out_dir}")
-        train(teacher, task, progress=progress)
+TRAINED = "trained.json"  # in out_dir: how each run was trained (in lockstep or alone)
+
+
+def _chunks(config: CompareConfig, task: Task, configs: list[RunConfig]) -> list[list]:
+    """The units ``configs`` (rows of one seed) train in: lockstep chunks
+    (:func:`kdkit.training.lockstep.lockstep_chunks`), or one row each with ``lockstep:
+    false``."""
+    if not config.lockstep or not configs:
+        return [[c] for c in configs]
+    world = setup_world(resolve_device(configs[0].train.device))
+    try:
+        return lockstep_chunks(configs, task, world)
+    finally:
+        end_world(world)
+
+
+def _how_alone(config: CompareConfig, run: RunConfig) -> str:
+    if not config.lockstep:
+        return "alone (lockstep: false)"
+    reason = alone_reason(run) or "no other row shares its data, seed, batch size and " \
+                                  "teacher, or the device fits one row at a time"
+    return f"alone ({reason})"
+
+
+def _unfinished(runs: list, jobs: dict, task: Task, progress: bool) -> list[tuple]:
+    """The (label, run) of ``runs`` that have not finished (the others are reused), a
+    pruning method's sparsify run and pruned model made first when missing."""
+    todo = []
     for label, seed, run in runs:
         if _finished(run):
             if progress:
@@ -313,9 +336,52 @@ def _train_missing(config: CompareConfig, task: Task, runs: list, jobs: dict,
             if progress:
                 print(f"sparsifying and pruning {label} (seed {seed})")
             prune_run(job, task, progress=progress)
+        todo.append((label, run))
+    return todo
+
+
+def _train_missing(config: CompareConfig, task: Task, runs: list, jobs: dict,
+                   progress: bool) -> None:
+    """Train the teacher (when trained here) and every run that has not finished, seed by
+    seed: the rows of a seed in lockstep chunks (or one by one with ``lockstep: false``);
+    how each trained is kept in ``out_dir/trained.json`` for the report."""
+    teacher = teacher_run(config)
+    if teacher is not None and not _finished(teacher):
         if progress:
-            print(f"training {label} (seed {seed}) → {run.out_dir}")
-        train(run, task, progress=progress)
+            print(f"training the teacher → {teacher.out_dir}")
+        train(teacher, task, progress=progress)
+    record = Path(config.out_dir) / TRAINED
+    how = json.loads(record.read_text()) if record.exists() else {}
+    for seed in dict.fromkeys(seed for _, seed, _ in runs):
+        todo = _unfinished([r for r in runs if r[1] == seed], jobs, task, progress)
+        labels = {run.out_dir: label for label, run in todo}
+        for number, chunk in enumerate(_chunks(config, task, [run for _, run in todo]), 1):
+            names = ", ".join(labels[run.out_dir] for run in chunk)
+            if len(chunk) == 1:
+                if progress:
+                    print(f"training {names} (seed {seed}) → {chunk[0].out_dir}")
+                train(chunk[0], task, progress=progress)
+                how[chunk[0].out_dir] = _how_alone(config, chunk[0])
+            else:
+                if progress:
+                    print(f"training in lockstep (seed {seed}): {names}")
+                train_lockstep(chunk, task, progress=progress)
+                how.update({run.out_dir: f"in lockstep (seed {seed}, group {number}: one "
+                                         "data stream, one teacher forward per batch)"
+                            for run in chunk})
+            record.write_text(json.dumps(how, indent=1))
+
+
+def _training_notes(config: CompareConfig, runs: list) -> list[str]:
+    """The report's line on how the rows were trained (from ``out_dir/trained.json``)."""
+    record = Path(config.out_dir) / TRAINED
+    how = json.loads(record.read_text()) if record.exists() else {}
+    rows: dict[str, list[str]] = {}
+    for label, seed, run in runs:
+        key = how.get(run.out_dir, "not recorded (trained before kdkit kept this record)")
+        rows.setdefault(key, []).append(f"{label} (seed {seed})")
+    return ["How the rows were trained: " + "; ".join(f"{key}: {', '.join(names)}"
+                                                    for key, names in rows.items()) + "."]
 
 
 def _evaluate_all(config: CompareConfig, task: Task, runs: list, device,
@@ -356,17 +422,20 @@ def _warmup_teacher_weights(config: CompareConfig, task: Task, scratch: Path) ->
 
 def _measure_and_plan(config: CompareConfig, task: Task, runs: list, world: World,
                       budget_s: float) -> BudgetPlan:
-    """Warm up the teacher (when it trains here and has not finished) and each student row
-    of the first seed, time one evaluation forward, and plan the steps
-    (:mod:`kdkit.training.budget`)."""
+    """Warm up the teacher (when it trains here and has not finished) and each unit of the
+    first seed's rows (a lockstep chunk, or a row alone), time one evaluation forward, and
+    plan the steps (:mod:`kdkit.training.budget`)."""
     started, first = _clock(), runs[0][2]
     teacher = teacher_run(config)
     teacher = None if teacher is None or _finished(teacher) else teacher
-    teacher_s = None if teacher is None else run_step_seconds(teacher, task, world, _clock)
+    teacher_s = None if teacher is None else group_step_seconds([teacher], task, world, _clock)
     with tempfile.TemporaryDirectory() as scratch:
         weights = _warmup_teacher_weights(config, task, Path(scratch))
-        units = {label: run_step_seconds(_with_weights(run, weights), task, world, _clock)
-                 for label, seed, run in runs if seed == runs[0][1]}
+        rows = {run.out_dir: label for label, seed, run in runs if seed == runs[0][1]}
+        configs = [_with_weights(run, weights) for _, seed, run in runs if seed == runs[0][1]]
+        units = {"+".join(rows[c.out_dir] for c in chunk):
+                 group_step_seconds(chunk, task, world, _clock)
+                 for chunk in _chunks(config, task, configs)}
     _, eval_set = task.datasets(first.data)
     model = build_model(task, first.model).to(world.device)
     image_s = image_seconds(model, task, eval_set, world.device, _clock)
@@ -435,4 +504,5 @@ def run_compare(config: CompareConfig, task: Task, w2_values: list[float] | None
     _, eval_set = task.datasets(first.data)
     results = _evaluate_all(config, task, runs, device, eval_set)
     return write_compare_report(config, task, results, teacher_checkpoint(config), eval_set,
-                                device, [] if plan is None else plan.lines())
+                                device, ([] if plan is None else plan.lines())
+                                + _training_notes(config, runs))

@@ -83,12 +83,12 @@ def fake_measurements(monkeypatch, unit_s=0.5):
     """Fake step and image times, and a clock that advances 2 s per reading."""
     measured = []
 
-    def fake_run_step(config, task, world, clock):
-        measured.append(config.out_dir)
-        return 0.25 if config.out_dir.endswith("teacher") else unit_s
+    def fake_group_step(configs, task, world, clock):
+        measured.append([c.out_dir.rsplit("/", 2)[-2] for c in configs])
+        return 0.25 if configs[0].out_dir.endswith("teacher") else unit_s * len(configs)
 
     ticks = itertools.count(0.0, 2.0)
-    monkeypatch.setattr(compare, "run_step_seconds", fake_run_step)
+    monkeypatch.setattr(compare, "group_step_seconds", fake_group_step)
     monkeypatch.setattr(compare, "image_seconds", lambda *args: 0.5)
     monkeypatch.setattr(compare, "_clock", lambda: next(ticks))
     return measured
@@ -100,8 +100,7 @@ def test_compare_with_a_budget_plans_applies_and_reports_the_steps(tmp_path, mon
     # reserve: 2 × 0.5 s × 4 images × 5 models + 30 s = 50 s; warm-up: 2 s (fake clock)
     # left 48 s = f × (40 × 0.25 + 2 seeds × 20 × (0.5 + 0.5)) = f × 50 → f = 0.96
     assert main(["compare", str(path), "--quiet", "--budget", "100s"]) == 0
-    assert [m.rsplit("/", 2)[-2:] for m in measured] == [
-        ["cmp", "teacher"], ["student", "seed0"], ["spatial", "seed0"]]
+    assert measured == [["cmp"], ["student", "spatial"]]  # the teacher, one lockstep unit
     cmp = tmp_path / "cmp"
     assert compare.read_log(cmp / "teacher", "eval")[-1]["step"] == 38
     for method in ("student", "spatial"):
@@ -109,7 +108,8 @@ def test_compare_with_a_budget_plans_applies_and_reports_the_steps(tmp_path, mon
             assert compare.read_log(cmp / method / f"seed{seed}", "eval")[-1]["step"] == 19
     text = (cmp / "report" / "results.md").read_text()
     assert "Time budget 100 s" in text and "students 19 steps each" in text
-    assert "teacher 250.0 ms/step → 38 steps" in text and "student 500.0" in text
+    assert "teacher 250.0 ms/step → 38 steps" in text and "student+spatial 1000.0" in text
+    assert "in lockstep (seed 1, group 1" in text
     plan = json.loads((cmp / "budget.json").read_text())["plan"]
     assert plan["student_steps"] == 19
 
@@ -117,10 +117,11 @@ def test_compare_with_a_budget_plans_applies_and_reports_the_steps(tmp_path, mon
     measured.clear()
     assert main(["compare", str(path), "--quiet", "--budget", "100s"]) == 0
     assert measured == []
-    # another budget makes a new plan
-    assert main(["compare", str(path), "--quiet", "--budget", "2m", "--set",
+    # without lockstep each row is its own unit; another comparison makes a new plan
+    assert main(["compare", str(path), "--quiet", "--budget", "2m", "--no-lockstep", "--set",
                  "out_dir=" + str(tmp_path / "other")]) == 0
-    assert measured
+    assert measured == [["other"], ["student"], ["spatial"]]
+    assert "alone (lockstep: false)" in (tmp_path / "other/report/results.md").read_text()
 
 
 def test_a_budget_is_read_from_the_config_and_checked_at_load(tmp_path):
@@ -135,6 +136,6 @@ def test_the_warm_up_steps_a_real_run_without_touching_its_folder(tmp_path):
     run = compare.method_runs(config)[0][2]
     ticks = itertools.count(0.0, 1.0)
     world = compare.setup_world(compare.resolve_device("cpu"))
-    seconds = budget.run_step_seconds(run, ToyTask(), world, lambda: next(ticks))
+    seconds = budget.group_step_seconds([run], ToyTask(), world, lambda: next(ticks))
     assert seconds == pytest.approx(1 / budget.WARMUP_STEPS)
     assert not (tmp_path / "cmp").exists()

@@ -2,7 +2,7 @@
 
 ``kdkit compare CONFIG --budget 8m`` (or ``budget:`` in the compare config) first takes a
 short warm-up: a few steps of the teacher (when it is trained in the run) and of each unit
-of student training (a lockstep group of rows, or a row trained alone) of the first seed,
+of student training (a lockstep chunk of rows, or a row trained alone) of the first seed,
 timed after one untimed step (start-up, allocator, cuDNN's autotuning). :func:`plan_steps`
 then scales the configured steps of the teacher and of the students by one factor, so that
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +28,11 @@ from kdkit.distributed import World
 from kdkit.errors import ConfigError
 from kdkit.task import Task
 from kdkit.training.evaluation import test_batches
+from kdkit.training.lockstep import Lockstep, shared_teacher
 from kdkit.training.run import build_run
-from kdkit.training.step import train_step
 
 __all__ = ["REPORT_ALLOWANCE_S", "WARMUP_STEPS", "BudgetPlan", "evaluation_reserve",
-           "image_seconds", "parse_duration", "plan_steps", "run_step_seconds",
+           "group_step_seconds", "image_seconds", "parse_duration", "plan_steps",
            "seconds_per_step", "synchronizer"]
 
 #: Timed warm-up steps per run or group (after one untimed step).
@@ -136,14 +136,17 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else lambda: None
 
 
-def run_step_seconds(config: RunConfig, task: Task, world: World,
-                     clock: Callable[[], float]) -> float:
-    """Seconds per training step of ``config``, from :data:`WARMUP_STEPS` steps of a
-    throwaway run (nothing is written; its folder is not touched)."""
-    run = build_run(config, task, world)
-    (run.distiller or run.student).train()
-    batches = run.data.batches(0)
-    return seconds_per_step(lambda: train_step(run, run.prepare(next(batches))),
+def group_step_seconds(configs: Sequence[RunConfig], task: Task, world: World,
+                       clock: Callable[[], float]) -> float:
+    """Seconds per training step of ``configs`` stepping together (one lockstep chunk, or
+    one run), from :data:`WARMUP_STEPS` steps of throwaway runs (nothing is written; their
+    folders are not touched)."""
+    teacher = shared_teacher(configs, task, world)
+    runs = [build_run(config, task, world, teacher) for config in configs]
+    for run in runs:
+        (run.distiller or run.student).train()
+    group, batches = Lockstep(runs, teacher), runs[0].data.batches(0)
+    return seconds_per_step(lambda: group.step(runs, runs[0].prepare(next(batches))),
                             WARMUP_STEPS, clock, synchronizer(world.device))
 
 

@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -31,8 +32,8 @@ from kdkit.task import Task
 from kdkit.training.batch import prepare_batch
 from kdkit.training.randomness import RandomStream
 
-__all__ = ["AMP_DTYPES", "Run", "TrainingData", "build_model", "build_run", "needs_teacher",
-           "resolve_device", "skips_on_device"]
+__all__ = ["AMP_DTYPES", "Run", "TrainingData", "build_model", "build_run", "build_teacher",
+           "resolve_device", "skips_on_device", "uses_teacher"]
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -185,7 +186,7 @@ def _schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def _teacher(run: RunConfig, task: Task, device: torch.device) -> nn.Module:
+def build_teacher(run: RunConfig, task: Task, device: torch.device) -> nn.Module:
     """The frozen teacher, in eval mode, in the run's memory format."""
     if not run.teacher or "model" not in run.teacher or "checkpoint" not in run.teacher:
         raise ConfigError(
@@ -226,13 +227,16 @@ def _wrapped(model: nn.Module, settings: TrainSettings, world: World) -> nn.Modu
 
 def _distiller(run: RunConfig, task: Task, teacher: nn.Module, student: nn.Module,
                data: TrainingData, device: torch.device) -> Distiller:
+    """The distiller, its adapters initialised from the run's seed alone (not from what was
+    built before them: a teacher shared by several runs is built once)."""
+    torch.manual_seed(int(np.random.SeedSequence([run.train.seed, 1]).generate_state(1)[0]))
     example = next(iter(DataLoader(data.train_set, batch_size=2)))
     example = prepare_batch(example, device, run.train.channels_last)
     return Distiller(teacher, student, run.distillation,
                      example_inputs=task.model_inputs(example))
 
 
-def needs_teacher(config: RunConfig) -> bool:
+def uses_teacher(config: RunConfig) -> bool:
     """Whether the run uses a teacher (distillation terms, or a teacher for task losses)."""
     return bool(config.teacher or config.distillation)
 
@@ -244,8 +248,8 @@ def build_run(config: RunConfig, task: Task, world: World,
     settings, device = config.train, world.device
     model = _student_model(config, task, device)
     data = _training_data(config, task, world)
-    if needs_teacher(config):
-        teacher = teacher if teacher is not None else _teacher(config, task, device)
+    if uses_teacher(config):
+        teacher = teacher if teacher is not None else build_teacher(config, task, device)
     else:
         teacher = None
     student = _wrapped(model, settings, world)
