@@ -150,12 +150,13 @@ needs_cuda() {  # exit 77 (recorded as skipped) where no CUDA device is visible
 install_wheels() {
   compgen -G "$WHEELS/*.whl" > /dev/null || { echo "no wheels in $WHEELS"; exit 77; }
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$WORK/site" "$WHEELS"/*.whl
+    --target "$SITE" "$WHEELS"/*.whl
 }
 
 environment() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
     || echo "nvidia-smi: not found or no GPU"
+  echo "cpus: $(nproc), memory: $(free -g | awk '/^Mem:/ {print $2 " GiB"}')"  # loader cores
   "$PYTHON" - "$WHEELS" <<'EOF'
 import importlib.metadata as metadata, pathlib, sys
 import torch
@@ -223,8 +224,9 @@ main() {
   mkdir -p "$work/logs" && work=$(cd "$work" && pwd)
   : > "$work/summary.txt"
   # what the stage functions read (they run in child shells, under timeout)
-  export PYTHON=${PYTHON:-python3} WORK=$work WHEELS=$wheels PYTHONUNBUFFERED=1
-  export PYTHONPATH="$root:$work/site${PYTHONPATH:+:$PYTHONPATH}"
+  # the wheels go beside the work folder, not in it: installed packages are not results
+  export PYTHON=${PYTHON:-python3} WORK=$work SITE=$work-site WHEELS=$wheels
+  export PYTHONUNBUFFERED=1 PYTHONPATH="$root:$work-site${PYTHONPATH:+:$PYTHONPATH}"
   HAVE_CUDA=$("$PYTHON" -c 'import torch; print("yes" if torch.cuda.is_available() else "no")' \
     2>/dev/null || echo no)
   export HAVE_CUDA

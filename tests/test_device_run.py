@@ -58,7 +58,10 @@ def alive(pid: int) -> bool:
 
 
 def environment(path_first: Path | None = None) -> dict[str, str]:
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    # one thread: on a CPU shared with other work, two spinning OpenMP threads made steps 10×
+    # slower than the budget's warm-up measured (seen here: 40 ms, then 400-960 ms)
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1"}
     env.pop("OUT", None)
     env.pop("DEVICE_RUN_DEADLINE", None)
     if path_first is not None:
@@ -91,13 +94,15 @@ def test_cpu_end_to_end_on_the_tiny_preset(tmp_path):
     probe_wheel(tmp_path / "wheels")
     started = time.monotonic()
     done = subprocess.run(
-        script(tmp_path, "--deadline", "80", "--margin", "5",
+        # a small budget (about 55 s, the tiny preset's floor is about 45) under a far larger
+        # cap, so a CPU shared with other work overrunning the plan is not a failure here
+        script(tmp_path, "--deadline", "125", "--margin", "55",
                "--preset", "tasks/matting/configs/compare/tiny.yaml",
                "--set", "only=[student,spatial]", "--set", "base.data.test_length=4",
                "--set", "report.examples=2"),
-        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=120)
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert time.monotonic() - started < 80 + 15  # the deadline holds (plus the final pack)
+    assert time.monotonic() - started < 125 + 15  # the deadline holds (plus the final pack)
     # only the archive and the summary land in OUT; the rest stays in the scratch folder
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.tar.gz",
                                                                     "summary.txt"]
@@ -112,13 +117,14 @@ def test_cpu_end_to_end_on_the_tiny_preset(tmp_path):
         assert stages[cuda_stage] == ["skipped, no CUDA device"]
     budget_line, result = stages["compare"]
     assert budget_line.startswith("budget ") and result.startswith("exit 0"), stages["compare"]
-    assert int(budget_line.split()[1]) < 80
+    assert 45 < int(budget_line.split()[1]) < 70
     assert stages["dcp"][0].startswith("skipped, ")  # too little time left for it
     assert "done in" in files["summary.txt"].decode().splitlines()[-1]
     report = files["compare/report/results.md"].decode()
     assert "| student |" in report and "| spatial |" in report
     assert "compare/report/results.csv" in files and "logs/compare.log" in files
     assert not [name for name in files if name.endswith((".pt", ".safetensors"))]
+    assert not [name for name in files if "devrun_probe" in name]  # installed, not a result
     assert (tmp_path / "work" / "compare" / "student" / "seed0" / "model.pt").exists()
     assert "./compare/student/seed0/model.pt" in files["excluded.txt"].decode()
 
@@ -126,6 +132,8 @@ def test_cpu_end_to_end_on_the_tiny_preset(tmp_path):
 def test_a_stage_over_its_cap_is_killed_with_its_processes_and_recorded(tmp_path):
     pid_file = tmp_path / "nvidia-smi.pid"
     tools = fake_nvidia_smi(tmp_path / "bin", pid_file)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "big.log").write_bytes(b"x" * (5 << 20))  # over 4 MB: left out
     started = time.monotonic()
     # 40 s deadline: 10 kept for packing, the environment stage capped at a fifth of the rest
     done = subprocess.run(script(tmp_path, "--deadline", "40", "--stages",
@@ -134,8 +142,11 @@ def test_a_stage_over_its_cap_is_killed_with_its_processes_and_recorded(tmp_path
                           timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert time.monotonic() - started < 20
-    stages = summary(archive(tmp_path))
+    files = archive(tmp_path)
+    stages = summary(files)
     assert stages["environment"][0].startswith("killed at its cap of "), stages
+    assert "big.log" not in files and files["excluded.txt"] == b"./big.log\n"
+    assert "logs/environment.log" in files
     assert stages["precision"] == ["skipped, no CUDA device"]
     assert "wheels" not in stages and "compare" not in stages  # not asked for
     assert not alive(int(pid_file.read_text()))  # timeout killed the stage's process group
