@@ -40,8 +40,9 @@
 #   --work DIR     scratch folder for logs, tables and runs (default: a new one under /tmp)
 #   --preset, --dcp-preset   the compare presets (default compare/device.yaml, dcp-device.yaml)
 #   --set, --dcp-set         KEY=VALUE overrides passed to each kdkit compare
-#   --margin S     seconds kept back from each compare's --budget for start-up, evaluation
-#                  and the report (default: a fifth of the time left, at least 30)
+#   --margin S     seconds kept back from each compare's --budget for start-up and for the
+#                  plan's misses (default: a quarter of the time left, at least 45; the
+#                  budget itself keeps time for evaluation and the report)
 #   --stages LIST  comma-separated stages to run (default: all, in the order above)
 #   --wheels DIR   carried wheels (default .whl)
 # Environment: PYTHON (default python3).
@@ -93,6 +94,12 @@ parse_args() {
     shift 2
   done
   [[ $deadline =~ ^[0-9]+$ ]] || { echo "device_run.sh: --deadline takes seconds" >&2; exit 2; }
+  [[ $margin =~ ^[0-9]*$ ]] || { echo "device_run.sh: --margin takes seconds" >&2; exit 2; }
+  local stage
+  for stage in ${stages//,/ }; do
+    [[ ,$ALL_STAGES, == *,$stage,* ]] \
+      || { echo "device_run.sh: unknown stage $stage (stages: $ALL_STAGES)" >&2; exit 2; }
+  done
 }
 
 seconds_left() {  # until the deadline, less what the last packing needs
@@ -129,8 +136,7 @@ run_stage() {  # run_stage NAME FUNCTION [ARGS...]: the function under its cap, 
   (( cap < MIN_SECONDS[$name] )) && cap=${MIN_SECONDS[$name]}
   start=$SECONDS
   # timeout signals its whole process group, so data-loader workers die with the stage
-  timeout --kill-after=5 "$cap" bash -c "$(declare -f "$1" needs_cuda); \"\$@\"" \
-    _ "$@" \
+  timeout --kill-after=5 "$cap" bash -c "$(declare -f "$1" needs_cuda); \"\$@\"" _ "$@" \
     > "$work/logs/$name.log" 2>&1
   rc=$?
   if (( rc == 124 || rc == 137 )); then
@@ -204,7 +210,9 @@ compare_stage() {  # compare_stage NAME PRESET [KEY=VALUE...]: budget from the t
   local name=$1 left keep budget
   [[ ,$stages, == *,$name,* ]] || return 0
   left=$(seconds_left)
-  keep=${margin:-$(( left / 5 > 30 ? left / 5 : 30 ))}
+  # the plan is measured over a few warm-up steps; a comparison killed at its cap leaves no
+  # report at all, so fewer steps are the cheaper error
+  keep=${margin:-$(( left / 4 > 45 ? left / 4 : 45 ))}
   budget=$(( left - keep ))
   if (( budget < MIN_SECONDS[$name] )); then
     record "$name: skipped, $left s left, needs ${MIN_SECONDS[$name]} + $keep s margin"

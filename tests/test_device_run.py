@@ -183,7 +183,8 @@ def test_a_killed_run_keeps_the_archive_of_the_stages_before(tmp_path):
 
 
 def test_bad_arguments_exit_2(tmp_path):
-    for args in (["--deadline", "soon"], ["--bogus", "1"], ["--deadline"]):
+    for args in (["--deadline", "soon"], ["--bogus", "1"], ["--deadline"],
+                 ["--stages", "environment,everything"], ["--margin", "-5"]):
         done = subprocess.run(script(tmp_path, *args), cwd=tmp_path, env=environment(),
                               capture_output=True, text=True, timeout=30)
         assert done.returncode == 2, (args, done.stderr)
