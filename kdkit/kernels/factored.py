@@ -8,10 +8,12 @@ so the spatial loss costs ``O(N·C²)`` time and ``O(C²)`` memory instead of ``
 ``O(N²)``. Its gradient is as cheap: with ``Kss = F̂sF̂sᵀ`` and ``M = F̂tF̂sᵀ``,
 ``∂/∂F̂s = 4·(Kss F̂s − Mᵀ F̂t)``, then back through the normalisation (written out below
 rather than left to autograd, which would spend an extra ``Cs²·N`` product and several
-elementwise passes). The right side subtracts terms of size ``~N²``: the default
-``accumulate="auto"`` computes the Grams in float64 so the loss stays accurate when the
-student is close to the teacher, and maps built directly in float32. The channel loss is
-the spatial loss of the transposed features (:func:`channel_similarity`).
+elementwise passes). The right side subtracts terms of size ``~N²``, so a float32 Gram
+loses the loss near convergence. The default ``accumulate="auto"`` avoids that without
+float64 matmuls when the student is as wide as the teacher (the differences form,
+:class:`_SpatialSimilarityOfDifferences`), and with float64 Grams otherwise; maps built
+directly need no more than float32. The channel loss is the spatial loss of the transposed
+features (:func:`channel_similarity`).
 """
 
 from __future__ import annotations
@@ -116,8 +118,10 @@ def spatial_similarity(student: torch.Tensor, teacher: torch.Tensor,
                        accumulate: str = DEFAULT_ACCUMULATE):
     """``B×Cs×S…``, ``B×Ct×S…`` → scalar: MSE between the ``B×N×N`` spatial maps. Deep
     layers with fewer positions than channels (``N`` below about ``C``) take the
-    materialised maps instead, which are then the cheaper exact route. ``"auto"``: the
-    Grams in float64 (the identity cancels), the maps in float32 (built directly)."""
+    materialised maps instead, which are then the cheaper exact route. ``"auto"``: for
+    Grams the differences form when ``Cs = Ct``, else float64 Grams (the identity
+    cancels); the maps in float32 (built directly). ``"fp32"``/``"fp64"``: the plain
+    identity or the maps in that precision."""
     n = student[0, 0].numel()
     by_grams = gram_is_cheaper(n, student.shape[1], teacher.shape[1])
     if by_grams and accumulate == "auto" and student.shape[1] == teacher.shape[1]:
