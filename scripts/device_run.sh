@@ -8,6 +8,7 @@
 #   precision      benchmarks/precision.py --device cuda   → precision-cuda.md
 #   compare        kdkit compare PRESET --budget (the time left less a margin) → compare/report/
 #   dcp            the DCP comparison under what is left, reusing the teacher just trained
+#                  (kdkit compare refuses --budget for pruning rows today: it exits 2 at once)
 # After every stage, everything made so far (logs, tables, report folders; never weights or
 # checkpoints, nor any file over 4 MB) is packed into OUT/results.tar.gz and OUT/summary.txt
 # says each stage's exit code and seconds, so a kill loses only the stage in flight. Work
@@ -20,7 +21,9 @@
 #   .venv/bin/python -m pip download --no-deps torch-pruning==1.6.1 -d .whl
 # then one call of the run tool, nothing else (the 540 s default deadline fits one command,
 # so no detached start is needed; timeout_s leaves a minute for the machine's own exit):
-#   run  command: "bash scripts/device_run.sh"  carry: [".whl"]  timeout_s: 600
+#   run  command: "KDKIT_COMMIT=<git rev-parse --short HEAD, typed here> bash scripts/device_run.sh"
+#        carry: [".whl"]  timeout_s: 600
+# (the copy sent over may have no .git; the commit is then known only from KDKIT_COMMIT)
 # Back here, from the reply's files_at folder (results.tar.gz, summary.txt):
 #   mkdir -p /tmp/device-run && tar -xzf FILES_AT/results.tar.gz -C /tmp/device-run
 #   cp /tmp/device-run/kernels-cuda.md /tmp/device-run/kernels-cuda.csv \
@@ -45,7 +48,7 @@
 #                  budget itself keeps time for evaluation and the report)
 #   --stages LIST  comma-separated stages to run (default: all, in the order above)
 #   --wheels DIR   carried wheels (default .whl)
-# Environment: PYTHON (default python3).
+# Environment: PYTHON (default python3), KDKIT_COMMIT (the commit named in summary.txt).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -177,7 +180,12 @@ EOF
 
 bench_kernels() {
   needs_cuda
-  "$PYTHON" -m kdkit bench kernels --device cuda --out "$WORK"
+  # the default --out (docs/benchmarks of the copy sent over), so the table's header names
+  # the plain command; then into the work folder, for the archive
+  "$PYTHON" -m kdkit bench kernels --device cuda
+  local rc=$?
+  cp docs/benchmarks/kernels-cuda.md docs/benchmarks/kernels-cuda.csv "$WORK/" || rc=1
+  return $rc
 }
 
 kernel_tests() {
@@ -238,7 +246,8 @@ main() {
   HAVE_CUDA=$("$PYTHON" -c 'import torch; print("yes" if torch.cuda.is_available() else "no")' \
     2>/dev/null || echo no)
   export HAVE_CUDA
-  record "device run: deadline $deadline s, started $(date -u +%FT%TZ), $(git rev-parse --short HEAD 2>/dev/null || echo 'no git')"
+  local commit=${KDKIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+  record "device run: deadline $deadline s, started $(date -u +%FT%TZ), kdkit $commit"
 
   run_stage wheels install_wheels
   run_stage environment environment

@@ -138,8 +138,8 @@ def test_a_stage_over_its_cap_is_killed_with_its_processes_and_recorded(tmp_path
     # 40 s deadline: 10 kept for packing, the environment stage capped at a fifth of the rest
     done = subprocess.run(script(tmp_path, "--deadline", "40", "--stages",
                                  "environment,precision"),
-                          cwd=tmp_path, env=environment(tools), capture_output=True, text=True,
-                          timeout=60)
+                          cwd=tmp_path, env={**environment(tools), "KDKIT_COMMIT": "abc1234"},
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert time.monotonic() - started < 20
     files = archive(tmp_path)
@@ -149,6 +149,7 @@ def test_a_stage_over_its_cap_is_killed_with_its_processes_and_recorded(tmp_path
     assert "logs/environment.log" in files
     assert stages["precision"] == ["skipped, no CUDA device"]
     assert "wheels" not in stages and "compare" not in stages  # not asked for
+    assert stages["device run"][0].endswith(", kdkit abc1234")  # the commit sent over
     assert not alive(int(pid_file.read_text()))  # timeout killed the stage's process group
 
 
