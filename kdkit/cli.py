@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="micro-benchmarks")
     targets = bench.add_subparsers(dest="target", required=True, metavar="TARGET")
     from kdkit.kernels import BACKENDS as SIMILARITY_BACKENDS
+    from kdkit.kernels.common import ACCUMULATE, DEFAULT_ACCUMULATE
 
     kernels = targets.add_parser(
         "kernels", help="time the similarity backends at the papers' shapes, write a table",
@@ -225,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     kernels.add_argument("--backends", nargs="+", choices=list(SIMILARITY_BACKENDS),
                          help="default: those that run natively on --device")
-    kernels.add_argument("--accumulate", nargs="+", choices=["fp32", "fp64"],
-                         default=["fp32", "fp64"])
+    precisions = [DEFAULT_ACCUMULATE, *ACCUMULATE]  # auto (the default), then the forced ones
+    kernels.add_argument("--accumulate", nargs="+", choices=precisions, default=precisions,
+                         help="Gram precisions to time (default: all)")
     kernels.add_argument("--crops", nargs="+", type=int, choices=[320, 640, 1024],
                          help="only these crop sizes (default: all)")
     kernels.add_argument("--out", default="docs/benchmarks", help="report folder")

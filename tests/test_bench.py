@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdkit import bench
-from kdkit.cli import main
+from kdkit.cli import build_parser, main
 from kdkit.kernels import resources
 from kdkit.provenance import provenance_line
 
@@ -77,6 +77,11 @@ def test_bench_command_writes_table_and_csv(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_bench_times_the_default_precision_unless_told_otherwise():
+    accumulate = build_parser().parse_args(["bench", "kernels"]).accumulate
+    assert accumulate == ["auto", "fp32", "fp64"]  # auto: what training uses by default
+
+
 def _precision_script():
     spec = importlib.util.spec_from_file_location("precision", ROOT / "benchmarks/precision.py")
     module = importlib.util.module_from_spec(spec)
@@ -88,6 +93,6 @@ def test_every_benchmark_table_names_the_commit_and_the_library_versions():
     line = provenance_line()
     assert line.startswith("kdkit ") and all(f"{name} " in line
                                              for name in ("torch", "Triton", "timm"))
-    precision = _precision_script().report_lines(torch.device("cpu"), (1, 2, 3, 3), [])
+    precision = _precision_script().report_lines(torch.device("cpu"), [(1, 2, 3, 3)], [])
     assert line in "\n".join(precision)
     assert line in resources.markdown([], "python -m kdkit.kernels.resources")
