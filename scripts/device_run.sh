@@ -169,9 +169,10 @@ environment() {
   "$PYTHON" - "$WHEELS" <<'EOF'
 import importlib.metadata as metadata, pathlib, sys
 import torch
-from kdkit.provenance import provenance_line
+from kdkit.provenance import library_version, provenance_line
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
 print(f"device: {device}; {provenance_line()}")
+print(f"torch-pruning {library_version('torch-pruning')} (kdkit compare imports it)")
 for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):  # carried: are they importable?
     name = wheel.name.split("-")[0]
     print(f"carried {wheel.name}: installed {metadata.version(name)}")

@@ -113,6 +113,8 @@ def test_cpu_end_to_end_on_the_tiny_preset(tmp_path):
     assert stages["environment"][0].startswith("exit 0")
     assert b"carried devrun_probe-0.0.1-py3-none-any.whl: installed 0.0.1" in (
         files["logs/environment.log"])  # later stages import what the wheels stage installed
+    assert b"device: no CUDA device; kdkit " in files["logs/environment.log"]
+    assert b"torch-pruning " in files["logs/environment.log"]  # compare cannot run without
     for cuda_stage in ("bench-kernels", "kernel-tests", "precision"):
         assert stages[cuda_stage] == ["skipped, no CUDA device"]
     budget_line, result = stages["compare"]
