@@ -16,8 +16,9 @@
 # the CUDA stages are recorded as skipped (tests/test_device_run.py runs it so on the CPU).
 #
 # On a lent machine (the `run` tool; 15 minutes of device time per issue, 10 per command).
-# Here, once, in the repository root (torch-pruning is the one dependency the image lacks):
-#   echo /.whl/ >> .git/info/exclude
+# Here, once, in the repository root (torch-pruning is the one dependency the image lacks;
+# a 70 kB pure-Python wheel; .gitignore already ignores /.whl/, else add it to
+# .git/info/exclude so that only `carry` sends it):
 #   .venv/bin/python -m pip download --no-deps torch-pruning==1.6.1 -d .whl
 # then one call of the run tool, nothing else (the 540 s default deadline fits one command,
 # so no detached start is needed; timeout_s leaves a minute for the machine's own exit):
