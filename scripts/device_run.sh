@@ -204,7 +204,8 @@ compare() {  # compare NAME PRESET BUDGET [KEY=VALUE...]: one comparison under a
   local name=$1 preset=$2 budget=$3 monitor="" overrides=()
   shift 3
   (( $# )) && overrides=(--set "$@")
-  if [[ $HAVE_CUDA == yes ]] && command -v nvidia-smi > /dev/null; then  # does the loader keep it busy?
+  # GPU utilisation every 5 s: does the loader keep the GPU busy?
+  if [[ $HAVE_CUDA == yes ]] && command -v nvidia-smi > /dev/null; then
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 \
       > "$WORK/logs/gpu-util-$name.csv" 2>&1 &
     monitor=$!
@@ -229,7 +230,7 @@ compare_stage() {  # compare_stage NAME PRESET [KEY=VALUE...]: budget from the t
     pack
     return 0
   fi
-  record "$name: budget $budget s ($left s left, $keep s kept for evaluation and report)"
+  record "$name: budget $budget s ($left s left, $keep s kept back as margin)"
   run_stage "$name" compare "$name" "$2" "$budget" "${@:3}"
 }
 
