@@ -367,7 +367,8 @@ def _train_missing(config: CompareConfig, task: Task, runs: list, jobs: dict,
                     print(f"training in lockstep (seed {seed}): {names}")
                 train_lockstep(chunk, task, progress=progress)
                 how.update({run.out_dir: f"in lockstep (seed {seed}, group {number}: one "
-                                         "data stream, one teacher forward per batch)"
+                                         "data stream, one teacher forward per batch; its "
+                                         "train ms/step is the whole group's)"
                             for run in chunk})
             record.write_text(json.dumps(how, indent=1))
 

@@ -28,7 +28,7 @@ from kdkit.distributed import World
 from kdkit.errors import ConfigError
 from kdkit.task import Task
 from kdkit.training.evaluation import test_batches
-from kdkit.training.lockstep import Lockstep, shared_teacher
+from kdkit.training.lockstep import Lockstep, shared_parts
 from kdkit.training.run import build_run
 
 __all__ = ["REPORT_ALLOWANCE_S", "WARMUP_STEPS", "BudgetPlan", "evaluation_reserve",
@@ -141,8 +141,8 @@ def group_step_seconds(configs: Sequence[RunConfig], task: Task, world: World,
     """Seconds per training step of ``configs`` stepping together (one lockstep chunk, or
     one run), from :data:`WARMUP_STEPS` steps of throwaway runs (nothing is written; their
     folders are not touched)."""
-    teacher = shared_teacher(configs, task, world)
-    runs = [build_run(config, task, world, teacher) for config in configs]
+    teacher, data = shared_parts(configs, task, world)
+    runs = [build_run(config, task, world, teacher, data) for config in configs]
     for run in runs:
         (run.distiller or run.student).train()
     group, batches = Lockstep(runs, teacher), runs[0].data.batches(0)

@@ -4,7 +4,8 @@ teacher forward per batch.
 Rows of a comparison that share what makes their batches and their teacher (the task, the
 ``data:`` spec, the seed, the batch size, the device, mixed precision and memory format,
 and the teacher) step on the same batch: the teacher runs once (:func:`record_teacher`, over
-every feature any row's terms name) and each run takes its own :func:`train_step` with that
+every feature any row's terms name; the teacher and the training data are built once for
+the group, :func:`shared_parts`) and each run takes its own :func:`train_step` with that
 pass, in its own random stream, with its own adapters, optimizer and schedule. Each run
 keeps its own folder, checkpoint and log (a :class:`~kdkit.training.session.Session`), so
 a killed group resumes row by row: the stream starts at the earliest row's step, and a row
@@ -34,13 +35,21 @@ from kdkit.distributed import World, end_world, setup_world
 from kdkit.task import Task
 from kdkit.training.batch import cudnn_benchmark
 from kdkit.training.folder import RunFolder
-from kdkit.training.run import Run, build_run, build_teacher, resolve_device, uses_teacher
+from kdkit.training.run import (
+    Run,
+    TrainingData,
+    build_run,
+    build_teacher,
+    resolve_device,
+    training_data,
+    uses_teacher,
+)
 from kdkit.training.session import Session, open_session
 from kdkit.training.step import StepResult, train_step
 
 __all__ = ["HEADROOM", "Lockstep", "alone_reason", "group_size", "lockstep_groups",
            "lockstep_chunks", "lockstep_key", "measured_group_size", "row_key",
-           "shared_teacher", "train_lockstep"]
+           "shared_parts", "train_lockstep"]
 
 #: The fraction of the device's memory a group may plan to use.
 HEADROOM = 0.85
@@ -99,7 +108,7 @@ def group_size(capacity: int, shared: int, per_row: int, rows: int,
 
 
 def measured_group_size(configs: Sequence[RunConfig], task: Task, world: World,
-                        teacher: nn.Module | None) -> int:
+                        teacher: nn.Module | None, data: TrainingData) -> int:
     """Rows of ``configs`` that fit the device together: on CUDA, from the peak memory of
     one step of a throwaway run of the row with the most distillation terms (beyond what
     was allocated before it: the teacher); on the CPU, all of them."""
@@ -110,7 +119,7 @@ def measured_group_size(configs: Sequence[RunConfig], task: Task, world: World,
     shared = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     run = build_run(max(configs, key=lambda c: len(c.distillation or [])), task, world,
-                    teacher)
+                    teacher, data)
     (run.distiller or run.student).train()
     train_step(run, run.prepare(next(run.data.batches(0))))
     torch.cuda.synchronize(device)
@@ -179,17 +188,19 @@ def lockstep_chunks(configs: Sequence[RunConfig], task: Task,
         members = [configs[i] for i in group]
         size = len(members)
         if len(members) > 1 and world.device.type == "cuda":
-            size = measured_group_size(members, task, world, shared_teacher(members, task,
-                                                                             world))
+            size = measured_group_size(members, task, world,
+                                       *shared_parts(members, task, world))
         chunks += [members[i:i + size] for i in range(0, len(members), size)]
     return chunks
 
 
-def shared_teacher(configs: Sequence[RunConfig], task: Task, world: World) -> nn.Module | None:
-    """The teacher that ``configs`` (one group) share, built once; ``None`` when none uses
-    one."""
+def shared_parts(configs: Sequence[RunConfig], task: Task,
+                 world: World) -> tuple[nn.Module | None, TrainingData]:
+    """(the teacher, ``None`` when none uses one; the training data) that ``configs`` (one
+    group) share, each built once."""
     user = next((c for c in configs if uses_teacher(c)), None)
-    return None if user is None else build_teacher(user, task, world.device)
+    teacher = None if user is None else build_teacher(user, task, world.device)
+    return teacher, training_data(configs[0], task, world)
 
 
 def train_lockstep(configs: Sequence[RunConfig], task: Task, resume: bool = True,
@@ -200,13 +211,14 @@ def train_lockstep(configs: Sequence[RunConfig], task: Task, resume: bool = True
     world = setup_world(resolve_device(configs[0].train.device))
     try:
         with ExitStack() as stack:
-            teacher = shared_teacher(configs, task, world)
+            teacher, data = shared_parts(configs, task, world)
             sessions = []
             for config in configs:
                 folder = RunFolder(Path(config.out_dir), world.is_main)
                 stack.enter_context(folder.claimed())
                 sessions.append(stack.enter_context(open_session(
-                    config, task, folder, resume, progress and world.is_main, world, teacher)))
+                    config, task, folder, resume, progress and world.is_main, world, teacher,
+                    data)))
             metrics = [s.final_metrics_logged() for s in sessions]
             todo = [s for s, m in zip(sessions, metrics) if m is None]
             if todo:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from kdkit.checkpoint import load_weights, resolve_path
 from kdkit.config import ConfigError, RunConfig, TrainSettings
@@ -33,7 +33,7 @@ from kdkit.training.batch import prepare_batch
 from kdkit.training.randomness import RandomStream
 
 __all__ = ["AMP_DTYPES", "Run", "TrainingData", "build_model", "build_run", "build_teacher",
-           "resolve_device", "skips_on_device", "uses_teacher"]
+           "resolve_device", "skips_on_device", "training_data", "uses_teacher"]
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -78,7 +78,8 @@ class TrainingData:
         return endless_batches(self.loader, self.sampler, self.loader.batch_size, step)
 
 
-def _training_data(run: RunConfig, task: Task, world: World) -> TrainingData:
+def training_data(run: RunConfig, task: Task, world: World) -> TrainingData:
+    """The run's training set, its resumable loader, and the evaluation set."""
     settings = run.train
     train_set, eval_set = task.datasets(run.data)
     sampler = ResumableSampler(len(train_set), settings.seed, world.rank, world.size)
@@ -227,10 +228,11 @@ def _wrapped(model: nn.Module, settings: TrainSettings, world: World) -> nn.Modu
 
 def _distiller(run: RunConfig, task: Task, teacher: nn.Module, student: nn.Module,
                data: TrainingData, device: torch.device) -> Distiller:
-    """The distiller, its adapters initialised from the run's seed alone (not from what was
-    built before them: a teacher shared by several runs is built once)."""
+    """The distiller, sized on the first two training samples of epoch 0 (drawn under their
+    keys); its adapters initialised from the run's seed alone. Neither depends on what was
+    built or drawn before (a teacher and data shared by several runs are built once)."""
     torch.manual_seed(int(np.random.SeedSequence([run.train.seed, 1]).generate_state(1)[0]))
-    example = next(iter(DataLoader(data.train_set, batch_size=2)))
+    example = default_collate([data.loader.dataset[(0, index)] for index in range(2)])
     example = prepare_batch(example, device, run.train.channels_last)
     return Distiller(teacher, student, run.distillation,
                      example_inputs=task.model_inputs(example))
@@ -241,13 +243,14 @@ def uses_teacher(config: RunConfig) -> bool:
     return bool(config.teacher or config.distillation)
 
 
-def build_run(config: RunConfig, task: Task, world: World,
-              teacher: nn.Module | None = None) -> Run:
-    """A :class:`Run` at step 0, built from ``config`` on ``world``'s device; ``teacher``:
-    an already built teacher to use (several students sharing one), else the run's own."""
+def build_run(config: RunConfig, task: Task, world: World, teacher: nn.Module | None = None,
+              data: TrainingData | None = None) -> Run:
+    """A :class:`Run` at step 0, built from ``config`` on ``world``'s device; ``teacher``
+    and ``data``: an already built teacher and training data to use (several students
+    sharing them, :mod:`kdkit.training.lockstep`), else the run's own."""
     settings, device = config.train, world.device
     model = _student_model(config, task, device)
-    data = _training_data(config, task, world)
+    data = data if data is not None else training_data(config, task, world)
     if uses_teacher(config):
         teacher = teacher if teacher is not None else build_teacher(config, task, device)
     else:

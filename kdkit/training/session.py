@@ -18,7 +18,7 @@ from kdkit.distributed import World
 from kdkit.task import Task
 from kdkit.training.evaluation import evaluate
 from kdkit.training.folder import RunFolder
-from kdkit.training.run import Run, build_run
+from kdkit.training.run import Run, TrainingData, build_run
 from kdkit.training.runlog import Pace, RunLog, open_run_log, read_log
 from kdkit.training.state import restore_state, save_checkpoint, save_weights
 from kdkit.training.step import StepResult, check_finite
@@ -106,12 +106,13 @@ class Session:
 
 @contextmanager
 def open_session(config: RunConfig, task: Task, folder: RunFolder, resume: bool,
-                 progress: bool, world: World,
-                 teacher: nn.Module | None = None) -> Iterator[Session]:
-    """Check the folder, build the run (with ``teacher`` when shared) and restore its
-    checkpoint, open its log and write the config: the session, for the block."""
+                 progress: bool, world: World, teacher: nn.Module | None = None,
+                 data: TrainingData | None = None) -> Iterator[Session]:
+    """Check the folder, build the run (with ``teacher`` and ``data`` when shared) and
+    restore its checkpoint, open its log and write the config: the session, for the
+    block."""
     state = folder.resume_state(config, resume, world.device)
-    run = build_run(config, task, world, teacher)
+    run = build_run(config, task, world, teacher, data)
     if state is not None:
         restore_state(run, state, folder.checkpoint)
         if progress:
