@@ -210,8 +210,10 @@ compare() {  # compare NAME PRESET BUDGET [KEY=VALUE...]: one comparison under a
       > "$WORK/logs/gpu-util-$name.csv" 2>&1 &
     monitor=$!
   fi
-  "$PYTHON" -m kdkit compare "$preset" --budget "$budget" --out "$WORK/$name" --quiet \
-    ${overrides[@]+"${overrides[@]}"}
+  local command=("$PYTHON" -m kdkit compare "$preset" --budget "$budget" --out "$WORK/$name"
+                 --quiet ${overrides[@]+"${overrides[@]}"})
+  echo "+ ${command[*]}"
+  "${command[@]}"
   local rc=$?
   [[ -n $monitor ]] && kill "$monitor"
   return $rc

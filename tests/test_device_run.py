@@ -185,6 +185,26 @@ def test_a_killed_run_keeps_the_archive_of_the_stages_before(tmp_path):
     assert (tmp_path / "out" / "summary.txt").read_bytes() == files["summary.txt"]
 
 
+def test_the_dcp_stage_reuses_the_teacher_trained_by_the_comparison(tmp_path):
+    teacher = tmp_path / "work" / "compare" / "teacher" / "model.pt"
+    teacher.parent.mkdir(parents=True)
+    teacher.write_bytes(b"weights")
+    # a config error (an unknown method) ends the comparison at once: only the call matters
+    done = subprocess.run(
+        script(tmp_path, "--deadline", "110", "--margin", "1", "--stages", "dcp",
+               "--dcp-preset", "tasks/matting/configs/compare/tiny.yaml",
+               "--dcp-set", "only=[no-such-method]"),
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = archive(tmp_path)
+    budget_line, result = summary(files)["dcp"]
+    assert budget_line.startswith("budget ") and result.startswith("exit 2")
+    log = files["logs/dcp.log"].decode()
+    assert f"--set only=[no-such-method] teacher.checkpoint={teacher}" in log, log
+    assert "only names unknown methods" in log
+    assert "./compare/teacher/model.pt" in files["excluded.txt"].decode()
+
+
 def test_bad_arguments_exit_2(tmp_path):
     for args in (["--deadline", "soon"], ["--bogus", "1"], ["--deadline"],
                  ["--stages", "environment,everything"], ["--margin", "-5"]):
