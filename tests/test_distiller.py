@@ -294,3 +294,29 @@ def test_a_user_losss_own_value_error_keeps_its_type_and_names_the_term():
         make([DistillTerm(Refuses(), student="0", teacher="0", name="mine")])
     assert not isinstance(info.value, ConfigError)
     assert info.value.__notes__ == ["in distillation term 'mine'"]
+
+
+def test_students_sharing_one_teacher_pass_get_their_own_losses():
+    from kdkit.distiller import record_teacher, shared_teacher_recorder
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    students = [nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 1))
+                for _ in range(2)]
+    x = torch.randn(2, 3, 6, 6)
+    distillers = [
+        Distiller(teacher, students[0], [DistillTerm("spatial_similarity", "2", "2")],
+                  example_inputs=x),
+        Distiller(teacher, students[1], [DistillTerm("channel_similarity", "0", "0",
+                                                     adapter="conv1x1"),
+                                         DistillTerm("hinton", "output", "output")],
+                  example_inputs=x)]
+    recorder, refs = shared_teacher_recorder(teacher, distillers)
+    assert sorted(refs) == ["0", "2"]
+    shared = record_teacher(teacher, recorder, refs, (x,), {})
+    for distiller in distillers:
+        alone, together = distiller(x), distiller.student_losses(shared, x)
+        assert alone.losses.keys() == together.losses.keys()
+        for name, value in alone.losses.items():
+            torch.testing.assert_close(together.losses[name], value)
+        assert torch.equal(together.teacher_output, alone.teacher_output)

@@ -133,3 +133,13 @@ def test_the_teacher_runs_once_per_batch_for_every_row(tmp_path, monkeypatch):
         dataclasses.replace(channel.distillation[0], loss="spatial_similarity", adapter=None)])
     train_lockstep([student, channel, spatial], ToyTask(), progress=False)
     assert len(calls) == 2 + 3  # each distiller's sizing forward, then one per batch
+
+
+def test_lockstep_false_in_the_config_trains_the_rows_one_by_one():
+    from kdkit import compare
+
+    config = load_compare_config(TINY, ["lockstep=false", "only=[student,hinton,ofd]"])
+    runs = [run for _, _, run, _ in method_runs(config)]
+    assert compare._chunks(config, load_task("matting"), runs) == [[run] for run in runs]
+    config.lockstep = True
+    assert compare._chunks(config, load_task("matting"), runs) == [runs]
