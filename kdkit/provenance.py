@@ -7,12 +7,14 @@ number that moves between two runs can be traced to a code or library change.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 from pathlib import Path
 
-__all__ = ["kdkit_commit", "library_version", "provenance", "provenance_line"]
+__all__ = ["ENV_COMMIT", "kdkit_commit", "library_version", "provenance", "provenance_line"]
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
+ENV_COMMIT = "KDKIT_COMMIT"  # the commit of a tree copied without its .git folder
 _LIBRARIES = {"torch": "torch", "Triton": "triton", "timm": "timm"}
 
 
@@ -28,10 +30,11 @@ def _git(*args: str, cwd: Path) -> str | None:
 
 def kdkit_commit(checkout: Path = _CHECKOUT) -> str:
     """The short hash of ``HEAD`` of the checkout kdkit runs from, ``+dirty`` appended when
-    tracked files differ from it; ``"unknown"`` outside a git checkout."""
+    tracked files differ from it. Outside a git checkout (a copy of the tree sent to a lent
+    GPU machine), :data:`ENV_COMMIT` as whoever sent it set it, else ``"unknown"``."""
     head = (checkout / ".git").exists() and _git("rev-parse", "--short", "HEAD", cwd=checkout)
     if not head:
-        return "unknown"
+        return os.environ.get(ENV_COMMIT, "").strip() or "unknown"
     changes = _git("status", "--porcelain", "--untracked-files=no", cwd=checkout)
     return f"{head}+dirty" if changes else head
 

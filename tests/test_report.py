@@ -198,8 +198,12 @@ def _git(folder, *args):
                    check=True, capture_output=True)
 
 
-def test_commit_is_the_short_head_plus_dirty_and_unknown_outside_git(tmp_path):
+def test_commit_is_the_short_head_plus_dirty_and_unknown_outside_git(tmp_path, monkeypatch):
+    monkeypatch.delenv(provenance.ENV_COMMIT, raising=False)
     assert provenance.kdkit_commit(tmp_path) == "unknown"
+    monkeypatch.setenv(provenance.ENV_COMMIT, "abc1234")  # a copy sent without its .git
+    assert provenance.kdkit_commit(tmp_path) == "abc1234"
+    monkeypatch.delenv(provenance.ENV_COMMIT)
     _git(tmp_path, "init", "-q")
     (tmp_path / "a.txt").write_text("one")
     _git(tmp_path, "add", "a.txt")
