@@ -49,7 +49,8 @@
 #                  budget itself keeps time for evaluation and the report)
 #   --stages LIST  comma-separated stages to run (default: all, in the order above)
 #   --wheels DIR   carried wheels (default .whl)
-# Environment: PYTHON (default python3), KDKIT_COMMIT (the commit named in summary.txt).
+# Environment: PYTHON (default python3), KDKIT_COMMIT (the commit named in summary.txt and, in a
+# copy without .git, in every table header: kdkit.provenance reads it).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
