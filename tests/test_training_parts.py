@@ -339,3 +339,18 @@ def test_cudnn_autotunes_training_steps_only():
     assert torch.backends.cudnn.benchmark == before
     with cudnn_benchmark(torch.device("cpu"), True):
         assert torch.backends.cudnn.benchmark == before
+
+
+def test_with_loss_scaling_the_scaler_skips_a_poisoned_step_on_the_device(tmp_path,
+                                                                          device_skips):
+    config = run_config_from_mapping(toy_run(tmp_path / "fp16", steps=2))
+    run = build_run(config, ToyTask(), World())
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=4.0)  # fp16's scaler, on the CPU
+    batch = run.prepare(next(run.data.batches(0)))
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    batch["image"][0, 0, 0, 0] = float("nan")
+    train_step(run, batch)
+    assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
+    assert run.scaler.get_scale() == 2.0  # it saw the non-finite gradients
+    run.settings.on_nonfinite = "skip"
+    assert check_finite(run) == [(1, ["mse"])]

@@ -180,14 +180,17 @@ def _update(run: Run, total: torch.Tensor, nonfinite: torch.Tensor) -> None:
     and the schedule's step."""
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(total).backward()
-    if run.skips_on_device:
+    if not run.skips_on_device:
+        if not bool(nonfinite):
+            _apply(run)
+    elif run.scaler.is_enabled():  # fp16: the scaler gives the fused step its own found_inf,
+        _apply(run)                # which a non-finite loss's gradients set
+    else:
         run.optimizer.found_inf = nonfinite  # read by the fused step: no update where set
         try:
             _apply(run)
         finally:
             del run.optimizer.found_inf
-    elif not bool(nonfinite):
-        _apply(run)
     run.schedule.step()
 
 
