@@ -8,14 +8,17 @@ import pytest
 import torch
 from toy_task import ToyTask
 
+import kdkit.data.pool as pool_module
 import kdkit.data.workers as workers
+from kdkit.checkpoint import load_checkpoint
 from kdkit.config import ConfigError, run_config_from_mapping
 from kdkit.data import SamplePool, SeededDataset, resolve_num_workers
 from kdkit.distributed import World
 from kdkit.errors import DataError
 from kdkit.sampling import KeyedSamples
+from kdkit.train import train
 from kdkit.training import evaluation
-from kdkit.training.run import _training_data
+from kdkit.training.run import training_data
 from tasks.matting.task import MattingTask
 from tasks.segmentation.task import SegmentationTask
 
@@ -167,8 +170,34 @@ def test_the_training_and_evaluation_loaders_resolve_auto(monkeypatch):
     monkeypatch.setattr(workers, "usable_cores", lambda: 3)
     run = run_config_from_mapping({"task": "toy_task:ToyTask", "model": {}, "out_dir": "x",
                                    "train": {"num_workers": "auto", "batch_size": 2}})
-    assert _training_data(run, ToyTask(), World()).loader.num_workers == 2
+    assert training_data(run, ToyTask(), World()).loader.num_workers == 2
     monkeypatch.setattr(workers, "usable_cores", lambda: 1)  # in the main process
     _, eval_set = ToyTask().datasets({})
     batches = evaluation.test_batches(eval_set, torch.device("cpu"), "auto")
     assert len(list(batches)) == len(eval_set)
+
+
+def _pooled_run(out, steps: int) -> dict:
+    """A narrow DIM on a pool of 6 of 12 samples, loaded by two forked workers."""
+    return {"task": "matting", "out_dir": str(out),
+            "model": {"name": "dim", "encoder_channels": [[4], [4], [8], [8], [8]],
+                      "decoder_channels_dim": [8, 8, 4, 4, 1]},
+            "data": {**MATTING, "pool": 6, "fields": ["image", "alpha", "trimap"]},
+            "train": {"steps": steps, "batch_size": 2, "schedule": "constant",
+                      "num_workers": 2, "checkpoint_every": 3, "log_every": 3}}
+
+
+def test_a_pooled_run_resumed_draws_the_same_batches(tmp_path, monkeypatch):
+    """The resumed process makes the pool again and continues at the same keyed views; the
+    pools are made by processes spawned from the training process."""
+    monkeypatch.setattr(pool_module, "SPAWN_SECONDS", 0.0)
+    train(run_config_from_mapping(_pooled_run(tmp_path / "whole", 6)), MattingTask(),
+          progress=False)
+    train(run_config_from_mapping(_pooled_run(tmp_path / "resumed", 3)), MattingTask(),
+          progress=False)
+    train(run_config_from_mapping(_pooled_run(tmp_path / "resumed", 6)), MattingTask(),
+          progress=False)
+    whole = load_checkpoint(tmp_path / "whole" / "model.pt")["model"]
+    resumed = load_checkpoint(tmp_path / "resumed" / "model.pt")["model"]
+    for name, value in whole.items():
+        assert torch.equal(resumed[name], value), name

@@ -20,8 +20,10 @@ in a list.
 from __future__ import annotations
 
 import multiprocessing
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from itertools import chain
 
 import cv2
 import numpy as np
@@ -31,9 +33,14 @@ from kdkit.errors import DataError
 
 from .workers import usable_cores
 
-__all__ = ["SamplePool", "keep_fields"]
+__all__ = ["SPAWN_SECONDS", "SamplePool", "keep_fields"]
 
 _SCALE = np.float32(255)
+
+#: About the seconds a pool of spawned processes takes to start (each imports the
+#: generator's modules, torch among them); a pool quicker than this to make in the calling
+#: process is made there.
+SPAWN_SECONDS = 2.0
 
 
 def keep_fields(sample: dict, fields: Sequence[str] | None) -> dict:
@@ -73,6 +80,14 @@ def _compact(generate: Callable[[int], dict], fields: Sequence[str] | None,
              for key, value in sample.items()}, floats)
 
 
+def _default_processes(seconds_here: float) -> int:
+    """Processes to make a pool whose remaining samples take ``seconds_here`` in this
+    process (see :meth:`SamplePool.build`)."""
+    if multiprocessing.current_process().daemon or seconds_here < SPAWN_SECONDS:
+        return 1
+    return usable_cores()
+
+
 def _one_thread() -> None:
     """Pool-process initialiser: OpenCV on one thread, as every core runs a process."""
     cv2.setNumThreads(1)
@@ -93,22 +108,32 @@ class SamplePool:
     def build(cls, generate: Callable[[int], dict], seeds: Sequence[int],
               fields: Sequence[str] | None = None, processes: int | None = None,
               progress: bool = True) -> SamplePool:
-        """``generate(seed)`` for every seed, in a process pool of ``processes`` (default:
-        every usable core; one process inside a daemonic process such as a DataLoader
-        worker), with a progress bar. Every sample must have the same keys and array
-        shapes; ``fields`` as in :func:`keep_fields`."""
-        if processes is None:
-            daemonic = multiprocessing.current_process().daemon
-            processes = 1 if daemonic else usable_cores()
+        """``generate(seed)`` for every seed, with a progress bar; ``fields`` as in
+        :func:`keep_fields`. Every sample must have the same keys and array shapes.
+
+        The first sample is made here; the rest in a pool of ``processes`` spawned
+        processes, ``generate`` pickled to them (a module-level function or a
+        ``functools.partial`` of one). By default: every usable core, unless this is a
+        daemonic process (a DataLoader worker) or the rest would take less than
+        :data:`SPAWN_SECONDS` here, at the first sample's pace; then all are made here. The
+        samples do not depend on where they are made."""
         make = partial(_compact, generate, fields)
         bar = tqdm(total=len(seeds), desc="data pool", unit="sample", disable=not progress)
         with bar:
-            if processes <= 1 or len(seeds) == 1:
-                samples = (make(seed) for seed in seeds)
-                return cls._stack(samples, seeds, bar)
-            chunk = max(1, len(seeds) // (8 * processes))
-            with multiprocessing.Pool(processes, initializer=_one_thread) as workers:
-                return cls._stack(workers.imap(make, seeds, chunksize=chunk), seeds, bar)
+            start = time.perf_counter()
+            first = make(seeds[0])
+            rest = seeds[1:]
+            if processes is None:
+                processes = _default_processes((time.perf_counter() - start) * len(rest))
+            if processes <= 1 or not rest:
+                return cls._stack(chain([first], map(make, rest)), seeds, bar)
+            chunk = max(1, len(rest) // (8 * processes))
+            # spawned, not forked: a fork of a process whose thread pools (torch's, OpenCV's)
+            # have run can deadlock in the child
+            spawn = multiprocessing.get_context("spawn")
+            with spawn.Pool(processes, initializer=_one_thread) as workers:
+                made = workers.imap(make, rest, chunksize=chunk)
+                return cls._stack(chain([first], made), seeds, bar)
 
     @classmethod
     def _stack(cls, samples, seeds: Sequence[int], bar: tqdm) -> SamplePool:
