@@ -45,7 +45,7 @@ from kdkit.train import (
 from kdkit.training.budget import (
     BudgetPlan,
     evaluation_reserve,
-    group_step_seconds,
+    group_timing,
     image_seconds,
     parse_duration,
     plan_steps,
@@ -407,6 +407,7 @@ def _evaluate_all(config: CompareConfig, task: Task, runs: list, device,
 
 
 PLAN = "budget.json"  # a budget's plan, in out_dir, keyed on the comparison it was made for
+PLAN_FORMAT = 2  # bump when BudgetPlan's fields change: a stored plan is then made anew
 _clock = time.perf_counter
 
 
@@ -429,23 +430,27 @@ def _measure_and_plan(config: CompareConfig, task: Task, runs: list, world: Worl
     started, first = _clock(), runs[0][2]
     teacher = teacher_run(config)
     teacher = None if teacher is None or _finished(teacher) else teacher
-    teacher_s = None if teacher is None else group_step_seconds([teacher], task, world, _clock)
+    teacher_build, teacher_s = (0.0, None) if teacher is None else \
+        group_timing([teacher], task, world, _clock)
     with tempfile.TemporaryDirectory() as scratch:
         weights = _warmup_teacher_weights(config, task, Path(scratch))
         rows = {run.out_dir: label for label, seed, run in runs if seed == runs[0][1]}
         configs = [_with_weights(run, weights) for _, seed, run in runs if seed == runs[0][1]]
-        units = {"+".join(rows[c.out_dir] for c in chunk):
-                 group_step_seconds(chunk, task, world, _clock)
-                 for chunk in _chunks(config, task, configs)}
+        timings = {"+".join(rows[c.out_dir] for c in chunk): group_timing(chunk, task, world,
+                                                                            _clock)
+                   for chunk in _chunks(config, task, configs)}
     _, eval_set = task.datasets(first.data)
     model = build_model(task, first.model).to(world.device)
     image_s = image_seconds(model, task, eval_set, world.device, _clock)
     reserve = evaluation_reserve(image_s, len(eval_set), len(runs) + 1)
+    setup = teacher_build + len(config.seeds) * sum(built for built, _ in timings.values())
+    units = {label: step_s for label, (_, step_s) in timings.items()}
     spent = _clock() - started
     teacher_steps, steps = plan_steps(
-        budget_s, spent, reserve, None if teacher is None else (teacher.train.steps, teacher_s),
+        budget_s, spent, reserve + setup,
+        None if teacher is None else (teacher.train.steps, teacher_s),
         first.train.steps, list(units.values()), len(config.seeds))
-    return BudgetPlan(budget_s, teacher_s, units, spent, reserve, teacher_steps, steps)
+    return BudgetPlan(budget_s, teacher_s, units, spent, reserve, setup, teacher_steps, steps)
 
 
 def _with_weights(run: RunConfig, weights: str) -> RunConfig:
@@ -467,7 +472,7 @@ def _budget(config: CompareConfig, task: Task, runs: list, jobs: dict,
                           "budget; run them without --budget, or leave them out with only:")
     path = Path(config.out_dir) / PLAN
     made_of = {k: v for k, v in dataclasses.asdict(config).items() if k != "report"}
-    key = json.loads(json.dumps({"config": made_of,
+    key = json.loads(json.dumps({"config": made_of, "plan_format": PLAN_FORMAT,
                                  "runs": [[label, seed] for label, seed, _ in runs]},
                                 sort_keys=True, default=str))
     stored = json.loads(path.read_text()) if path.exists() else {}

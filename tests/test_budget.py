@@ -83,12 +83,12 @@ def fake_measurements(monkeypatch, unit_s=0.5):
     """Fake step and image times, and a clock that advances 2 s per reading."""
     measured = []
 
-    def fake_group_step(configs, task, world, clock):
+    def fake_group_timing(configs, task, world, clock):
         measured.append([c.out_dir.rsplit("/", 2)[-2] for c in configs])
-        return 0.25 if configs[0].out_dir.endswith("teacher") else unit_s * len(configs)
+        return 1.0, 0.25 if configs[0].out_dir.endswith("teacher") else unit_s * len(configs)
 
     ticks = itertools.count(0.0, 2.0)
-    monkeypatch.setattr(compare, "group_step_seconds", fake_group_step)
+    monkeypatch.setattr(compare, "group_timing", fake_group_timing)
     monkeypatch.setattr(compare, "image_seconds", lambda *args: 0.5)
     monkeypatch.setattr(compare, "_clock", lambda: next(ticks))
     return measured
@@ -97,21 +97,23 @@ def fake_measurements(monkeypatch, unit_s=0.5):
 def test_compare_with_a_budget_plans_applies_and_reports_the_steps(tmp_path, monkeypatch):
     measured = fake_measurements(monkeypatch)
     path = toy_compare(tmp_path)
-    # reserve: 2 × 0.5 s × 4 images × 5 models + 30 s = 50 s; warm-up: 2 s (fake clock)
-    # left 48 s = f × (40 × 0.25 + 2 seeds × 20 × (0.5 + 0.5)) = f × 50 → f = 0.96
+    # reserve: 2 × 0.5 s × 4 images × 5 models + 30 s = 50 s; warm-up: 2 s (fake clock);
+    # building: 1 s for the teacher's run and 1 s per seed for the lockstep unit = 3 s
+    # left 45 s = f × (40 × 0.25 + 2 seeds × 20 × (0.5 + 0.5)) = f × 50 → f = 0.9
     assert main(["compare", str(path), "--quiet", "--budget", "100s"]) == 0
     assert measured == [["cmp"], ["student", "spatial"]]  # the teacher, one lockstep unit
     cmp = tmp_path / "cmp"
-    assert compare.read_log(cmp / "teacher", "eval")[-1]["step"] == 38
+    assert compare.read_log(cmp / "teacher", "eval")[-1]["step"] == 36
     for method in ("student", "spatial"):
         for seed in (0, 1):
-            assert compare.read_log(cmp / method / f"seed{seed}", "eval")[-1]["step"] == 19
+            assert compare.read_log(cmp / method / f"seed{seed}", "eval")[-1]["step"] == 18
     text = (cmp / "report" / "results.md").read_text()
-    assert "Time budget 100 s" in text and "students 19 steps each" in text
-    assert "teacher 250.0 ms/step → 38 steps" in text and "student+spatial 1000.0" in text
+    assert "Time budget 100 s" in text and "students 18 steps each" in text
+    assert "3 s for building the runs" in text
+    assert "teacher 250.0 ms/step → 36 steps" in text and "student+spatial 1000.0" in text
     assert "in lockstep (seed 1, group 1" in text
     plan = json.loads((cmp / "budget.json").read_text())["plan"]
-    assert plan["student_steps"] == 19
+    assert plan["student_steps"] == 18
 
     # run again: the stored plan is reused (no warm-up), so every run is finished
     measured.clear()
@@ -136,6 +138,6 @@ def test_the_warm_up_steps_a_real_run_without_touching_its_folder(tmp_path):
     run = compare.method_runs(config)[0][2]
     ticks = itertools.count(0.0, 1.0)
     world = compare.setup_world(compare.resolve_device("cpu"))
-    seconds = budget.group_step_seconds([run], ToyTask(), world, lambda: next(ticks))
-    assert seconds == pytest.approx(1 / budget.WARMUP_STEPS)
+    built, seconds = budget.group_timing([run], ToyTask(), world, lambda: next(ticks))
+    assert built == 1.0 and seconds == pytest.approx(1 / budget.WARMUP_STEPS)
     assert not (tmp_path / "cmp").exists()

@@ -9,7 +9,8 @@ then scales the configured steps of the teacher and of the students by one facto
     teacher_steps × teacher_s + seeds × student_steps × Σ unit_s  ≤  budget − spent − reserve
 
 where ``spent`` is what the warm-up took and ``reserve`` the evaluation and report time
-(:func:`evaluation_reserve`). Every student row gets the same steps. Everything here but
+(:func:`evaluation_reserve`) plus the time to build the runs (measured in the warm-up, once
+per seed and unit). Every student row gets the same steps. Everything here but
 :func:`seconds_per_step` is arithmetic, tested with fake numbers; the clock is injected.
 """
 
@@ -32,7 +33,7 @@ from kdkit.training.lockstep import Lockstep, shared_parts
 from kdkit.training.run import build_run
 
 __all__ = ["REPORT_ALLOWANCE_S", "WARMUP_STEPS", "BudgetPlan", "evaluation_reserve",
-           "group_step_seconds", "image_seconds", "parse_duration", "plan_steps",
+           "group_timing", "image_seconds", "parse_duration", "plan_steps",
            "seconds_per_step", "synchronizer"]
 
 #: Timed warm-up steps per run or group (after one untimed step).
@@ -66,13 +67,16 @@ def parse_duration(value: str | int | float, where: str = "budget") -> float:
 class BudgetPlan:
     """What a budget chose: the budget, the warm-up's measured seconds per step (the
     teacher's, ``None`` when it is not trained here; each student unit's by label), the
-    warm-up's own time, the reserve for evaluation and report, and the steps."""
+    warm-up's own time, the reserve for evaluation and report, the set-up time (building
+    the teacher's run and every seed's units, as measured in the warm-up), and the
+    steps."""
 
     budget_s: float
     teacher_step_s: float | None
     unit_step_s: dict[str, float]
     warmup_s: float
     reserve_s: float
+    setup_s: float
     teacher_steps: int | None
     student_steps: int
 
@@ -83,7 +87,8 @@ class BudgetPlan:
                    f"teacher {1e3 * self.teacher_step_s:.1f} ms/step → "
                    f"{self.teacher_steps} steps; ")
         return [f"Time budget {self.budget_s:g} s: warm-up took {self.warmup_s:.1f} s, "
-                f"{self.reserve_s:.0f} s kept for evaluation and the report; {teacher}"
+                f"{self.reserve_s:.0f} s kept for evaluation and the report, "
+                f"{self.setup_s:.0f} s for building the runs; {teacher}"
                 f"students {self.student_steps} steps each. Measured ms/step per seed: "
                 f"{units}."]
 
@@ -136,18 +141,21 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else lambda: None
 
 
-def group_step_seconds(configs: Sequence[RunConfig], task: Task, world: World,
-                       clock: Callable[[], float]) -> float:
-    """Seconds per training step of ``configs`` stepping together (one lockstep chunk, or
-    one run), from :data:`WARMUP_STEPS` steps of throwaway runs (nothing is written; their
-    folders are not touched)."""
+def group_timing(configs: Sequence[RunConfig], task: Task, world: World,
+                 clock: Callable[[], float]) -> tuple[float, float]:
+    """(seconds to build, seconds per training step) of ``configs`` stepping together (one
+    lockstep chunk, or one run): throwaway runs (nothing is written; their folders are not
+    touched) built (teacher, data and its pool, models) and stepped :data:`WARMUP_STEPS`
+    times."""
+    started = clock()
     teacher, data = shared_parts(configs, task, world)
     runs = [build_run(config, task, world, teacher, data) for config in configs]
+    built = clock() - started
     for run in runs:
         (run.distiller or run.student).train()
     group, batches = Lockstep(runs, teacher), runs[0].data.batches(0)
-    return seconds_per_step(lambda: group.step(runs, runs[0].prepare(next(batches))),
-                            WARMUP_STEPS, clock, synchronizer(world.device))
+    return built, seconds_per_step(lambda: group.step(runs, runs[0].prepare(next(batches))),
+                                   WARMUP_STEPS, clock, synchronizer(world.device))
 
 
 @torch.no_grad()
