@@ -67,7 +67,7 @@ def pooled(task, data: dict, pool: int):
     start = time.perf_counter()
     train_set.prepare()
     seconds = time.perf_counter() - start
-    return train_set, seconds, train_set._pool.nbytes / 2**20
+    return train_set, seconds, train_set.sample_pool.nbytes / 2**20
 
 
 def main() -> None:

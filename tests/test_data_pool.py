@@ -112,9 +112,9 @@ def test_pooled_training_views_are_keyed_per_sample(task, spec):
 
 def test_keyed_samples_prepare_the_pool_before_the_workers_start():
     dataset = MattingTask().datasets({**MATTING, "pool": 3})[0]
-    assert dataset._pool is None  # evaluation-only callers never make it
+    assert dataset.sample_pool is None  # evaluation-only callers never make it
     KeyedSamples(dataset, seed=0)
-    assert dataset._pool is not None and len(dataset._pool) == 3
+    assert dataset.sample_pool is not None and len(dataset.sample_pool) == 3
 
 
 def test_pool_is_for_synthetic_data_only(tmp_path):

@@ -68,6 +68,11 @@ class SeededDataset(Dataset):
             seeds = [split_seed(self.split, j) for j in range(self.pool_size)]
             self._pool = SamplePool.build(self.generate, seeds, self.fields)
 
+    @property
+    def sample_pool(self) -> SamplePool | None:
+        """The pool once :meth:`prepare` has made it; ``None`` before, or without a pool."""
+        return self._pool
+
     def sample(self, index: int) -> dict:
         """Item ``index`` before the transform."""
         if self.pool_size is None:
