@@ -31,7 +31,13 @@ from kdkit.config import RunConfig, from_mapping, load_yaml, run_config_from_map
 from kdkit.dcp import prune_run
 from kdkit.distributed import World, end_world, setup_world
 from kdkit.errors import ConfigError
-from kdkit.report import ModelResult, check_metric_names, report_settings, write_compare_report
+from kdkit.report import (
+    ModelResult,
+    check_metric_names,
+    report_settings,
+    unpruned_spec,
+    write_compare_report,
+)
 from kdkit.task import Task
 from kdkit.train import (
     WEIGHTS,
@@ -422,11 +428,31 @@ def _warmup_teacher_weights(config: CompareConfig, task: Task, scratch: Path) ->
     return str(fresh)
 
 
-def _measure_and_plan(config: CompareConfig, task: Task, runs: list, world: World,
-                      budget_s: float) -> BudgetPlan:
-    """Warm up the teacher (when it trains here and has not finished) and each unit of the
-    first seed's rows (a lockstep chunk, or a row alone), time one evaluation forward, and
-    plan the steps (:mod:`kdkit.training.budget`)."""
+def _timed_as(run: RunConfig) -> RunConfig:
+    """What the warm-up times for ``run``: a pruned model's unpruned architecture (its
+    file is not made yet; an upper bound of its step time)."""
+    unpruned = unpruned_spec(run.model)
+    return run if unpruned is None else dataclasses.replace(run, model=unpruned)
+
+
+def _sparse_runs(jobs: dict, runs: list) -> dict[str, RunConfig]:
+    """{label: sparsify run config} of the first seed's distinct prune jobs."""
+    distinct = {}
+    for label, seed, run in runs:
+        job = jobs[run.out_dir]
+        if seed == runs[0][1] and job is not None:
+            distinct.setdefault(job["output"], (label, job["sparse"]))
+    return {f"sparsify {label}": run_config_from_mapping(data, "sparse")
+            for label, data in distinct.values()}
+
+
+def _measure_and_plan(config: CompareConfig, task: Task, runs: list, jobs: dict,
+                      world: World, budget_s: float) -> BudgetPlan:
+    """Warm up the teacher (when it trains here and has not finished), each unit of the
+    first seed's rows (a lockstep chunk, or a row alone; a pruned row as its unpruned
+    architecture) and each sparsify run of a pruning method, time one evaluation forward,
+    and plan the steps (:mod:`kdkit.training.budget`); a sparsify run takes the students'
+    steps."""
     started, first = _clock(), runs[0][2]
     teacher = teacher_run(config)
     teacher = None if teacher is None or _finished(teacher) else teacher
@@ -436,9 +462,12 @@ def _measure_and_plan(config: CompareConfig, task: Task, runs: list, world: Worl
         weights = _warmup_teacher_weights(config, task, Path(scratch))
         rows = {run.out_dir: label for label, seed, run in runs if seed == runs[0][1]}
         configs = [_with_weights(run, weights) for _, seed, run in runs if seed == runs[0][1]]
-        timings = {"+".join(rows[c.out_dir] for c in chunk): group_timing(chunk, task, world,
-                                                                            _clock)
+        timings = {"+".join(rows[c.out_dir] for c in chunk):
+                   group_timing([_timed_as(c) for c in chunk], task, world, _clock)
                    for chunk in _chunks(config, task, configs)}
+        timings.update({label: group_timing([_with_weights(sparse, weights)], task, world,
+                                            _clock)
+                        for label, sparse in _sparse_runs(jobs, runs).items()})
     _, eval_set = task.datasets(first.data)
     model = build_model(task, first.model).to(world.device)
     image_s = image_seconds(model, task, eval_set, world.device, _clock)
@@ -460,16 +489,31 @@ def _with_weights(run: RunConfig, weights: str) -> RunConfig:
     return dataclasses.replace(run, teacher={**run.teacher, "checkpoint": weights})
 
 
-def _budget(config: CompareConfig, task: Task, runs: list, jobs: dict,
-            progress: bool) -> BudgetPlan | None:
-    """With ``budget``, the plan (measured once, then read from ``out_dir/budget.json``
-    while the comparison it was made for is unchanged, so an interrupted comparison resumes
-    with the same steps), applied: the teacher's and every student's ``train.steps``."""
+def _apply_plan(config: CompareConfig, plan: BudgetPlan,
+                w2_values: list[float] | None) -> tuple[list, dict]:
+    """The runs and prune jobs of ``config`` with ``plan``'s steps: the teacher's, and
+    every student's and every sparsify run's (pruned models are made anew for them)."""
+    if plan.teacher_steps is not None:
+        config.teacher.setdefault("train", {})["steps"] = plan.teacher_steps
+    config.base.setdefault("train", {})["steps"] = plan.student_steps
+    for spec in config.methods.values():
+        if (spec or {}).get("prune") is not None:
+            sparse = spec["prune"].setdefault("sparse", {})
+            sparse.setdefault("train", {})["steps"] = plan.student_steps
+    runs, jobs = _all_runs(config, w2_values)
+    for _, _, run in runs:
+        run.train.steps = plan.student_steps
+    return runs, jobs
+
+
+def _budget(config: CompareConfig, task: Task, w2_values: list[float] | None, runs: list,
+            jobs: dict, progress: bool) -> tuple[BudgetPlan | None, list, dict]:
+    """(the plan, the runs, the prune jobs): with ``budget``, the plan (measured once,
+    then read from ``out_dir/budget.json`` while the comparison it was made for is
+    unchanged, so an interrupted comparison resumes with the same steps) and the runs and
+    jobs with its steps (:func:`_apply_plan`); without, ``runs`` and ``jobs`` as they are."""
     if config.budget is None:
-        return None
-    if any(jobs.values()):
-        raise ConfigError("budget: the pruning methods' sparsify runs are not planned by a "
-                          "budget; run them without --budget, or leave them out with only:")
+        return None, runs, jobs
     path = Path(config.out_dir) / PLAN
     made_of = {k: v for k, v in dataclasses.asdict(config).items() if k != "report"}
     key = json.loads(json.dumps({"config": made_of, "plan_format": PLAN_FORMAT,
@@ -483,18 +527,15 @@ def _budget(config: CompareConfig, task: Task, runs: list, jobs: dict,
             print(f"warming up to plan the steps for a budget of {config.budget}")
         world = setup_world(resolve_device(runs[0][2].train.device))
         try:
-            plan = _measure_and_plan(config, task, runs, world, parse_duration(config.budget))
+            plan = _measure_and_plan(config, task, runs, jobs, world,
+                                     parse_duration(config.budget))
         finally:
             end_world(world)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"key": key, "plan": dataclasses.asdict(plan)}))
-    if plan.teacher_steps is not None:
-        config.teacher.setdefault("train", {})["steps"] = plan.teacher_steps
-    for _, _, run in runs:
-        run.train.steps = plan.student_steps
     if progress:
         print("\n".join(plan.lines()))
-    return plan
+    return (plan, *_apply_plan(config, plan, w2_values))
 
 
 def run_compare(config: CompareConfig, task: Task, w2_values: list[float] | None = None,
@@ -503,7 +544,7 @@ def run_compare(config: CompareConfig, task: Task, w2_values: list[float] | None
     everything per image, write the report; returns the report folder."""
     runs, jobs = _all_runs(config, w2_values)
     _check_report_metrics(config, task, runs[0][2])
-    plan = _budget(config, task, runs, jobs, progress)
+    plan, runs, jobs = _budget(config, task, w2_values, runs, jobs, progress)
     _train_missing(config, task, runs, jobs, progress)
     first = runs[0][2]
     device = resolve_device(first.train.device)

@@ -46,7 +46,7 @@ from kdkit.training.runlog import tensorboard_writer  # noqa: E402
 __all__ = ["CompareReport", "MethodRow", "ModelCost", "ModelResult", "ReportSettings", "SeedRow",
            "Stat", "bootstrap_interval", "build_report", "check_metric_names", "column_digits",
            "figure_bars", "figure_curves", "figure_examples", "render_markdown",
-           "render_table", "report_settings", "training_curves", "verdicts",
+           "render_table", "report_settings", "training_curves", "unpruned_spec", "verdicts",
            "write_compare_report", "write_csv"]
 
 BOOTSTRAP_SAMPLES = 10_000
@@ -226,7 +226,7 @@ def _ms_per_step(run_dir: Path | None) -> float | None:
     return statistics.median(times) if times else None
 
 
-def _unpruned(spec: dict) -> dict | None:
+def unpruned_spec(spec: dict) -> dict | None:
     """The architecture a pruned model's ``spec`` was pruned from; None when not pruned."""
     if "pruned" not in spec:
         return None
@@ -245,7 +245,7 @@ def _model_cost(task, spec: dict, settings: ReportSettings) -> tuple[ModelCost, 
     change none of it."""
     params, gflops = _count(task, spec, settings.flops_size)
     cost = ModelCost(params, gflops)
-    if (unpruned := _unpruned(spec)) is not None:
+    if (unpruned := unpruned_spec(spec)) is not None:
         full_params, full_gflops = _count(task, unpruned, settings.flops_size)
         cost.kept_params = 100 * params / full_params
         cost.kept_gflops = 100 * gflops / full_gflops

@@ -141,3 +141,25 @@ def test_the_warm_up_steps_a_real_run_without_touching_its_folder(tmp_path):
     built, seconds = budget.group_timing([run], ToyTask(), world, lambda: next(ticks))
     assert built == 1.0 and seconds == pytest.approx(1 / budget.WARMUP_STEPS)
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_budget_plans_the_sparsify_runs_of_pruning_methods(tmp_path, monkeypatch):
+    measured = fake_measurements(monkeypatch)
+    sparse = {"model": {"width": 8}, "sparsity": {"conv": 1e-4}}
+    prune = {"sparse": sparse, "fractions": {"conv": 0.5}, "input_size": [8, 8]}
+    methods = {"student": {}, "pruned": {"prune": prune},
+               "pruned-inherit": {"prune": {**prune, "reinit": False}}}
+    config = compare.load_compare_config(toy_compare(tmp_path, methods, budget="100s"))
+    runs, jobs = compare._all_runs(config, None)
+    before = {job["output"] for job in jobs.values() if job}
+    plan, runs, jobs = compare._budget(config, ToyTask(), None, runs, jobs, progress=False)
+    # timed: the teacher, the plain row, each pruned row as its unpruned architecture
+    # (alone), and the one sparsify run the two pruned rows share
+    assert measured == [["cmp"], ["student"], ["pruned"], ["pruned-inherit"], ["seed0"]]
+    assert list(plan.unit_step_s) == ["student", "pruned", "pruned-inherit",
+                                      "sparsify pruned"]
+    sparse_steps = {job["sparse"]["train"]["steps"] for job in jobs.values() if job}
+    assert sparse_steps == {plan.student_steps}
+    assert {run.train.steps for _, _, run in runs} == {plan.student_steps}
+    # the pruned models made with these steps live apart from those made without a budget
+    assert not before & {job["output"] for job in jobs.values() if job}
