@@ -19,6 +19,7 @@ that one step of one row took (:func:`measured_group_size`).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from collections.abc import Sequence
@@ -115,6 +116,7 @@ def measured_group_size(configs: Sequence[RunConfig], task: Task, world: World,
     device = world.device
     if device.type != "cuda":
         return len(configs)
+    gc.collect()  # runs built and dropped before (a warm-up) hold no memory now
     torch.cuda.synchronize(device)
     shared = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
