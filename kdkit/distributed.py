@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["World", "agree", "all_gather_values", "all_gather_with_grad", "average_gradients",
+__all__ = ["World", "all_gather_values", "all_gather_with_grad", "average_gradients",
            "end_world", "setup_world"]
 
 
@@ -60,15 +60,6 @@ def end_world(world: World) -> None:
     """Leave the process group if :func:`setup_world` created it."""
     if world.owns_group and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def agree(flag: bool, world: World) -> bool:
-    """Whether ``flag`` holds on any process (every process gets the same answer)."""
-    if not world.distributed:
-        return flag
-    value = torch.tensor([float(flag)], device=world.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def average_gradients(parameters: list[nn.Parameter], world: World) -> None:

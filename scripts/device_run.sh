@@ -8,7 +8,6 @@
 #   precision      benchmarks/precision.py --device cuda   → precision-cuda.md
 #   compare        kdkit compare PRESET --budget (the time left less a margin) → compare/report/
 #   dcp            the DCP comparison under what is left, reusing the teacher just trained
-#                  (kdkit compare refuses --budget for pruning rows today: it exits 2 at once)
 # After every stage, everything made so far (logs, tables, report folders; never weights or
 # checkpoints, nor any file over 4 MB) is packed into OUT/results.tar.gz and OUT/summary.txt
 # says each stage's exit code and seconds, so a kill loses only the stage in flight. Work
