@@ -18,35 +18,18 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
 from kdkit import Distiller, DistillTerm
+from kdkit.bench import median_ms
 from kdkit.provenance import provenance_line
 from kdkit.task import load_task
 
 LAYERS = ("conv2", "conv3", "conv4", "conv5")
 TERMS = [DistillTerm("spatial_channel_similarity", student=f"{layer}.adapter",
                      teacher=f"{layer}.out") for layer in LAYERS]
-
-
-def _median_ms(step, steps: int, device: torch.device) -> float:
-    """Median wall-clock ms of ``step()`` over ``steps`` runs, after two warm-up runs."""
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def _models(device: torch.device):
@@ -84,11 +67,15 @@ def measure(size: int, batch: int, steps: int, device: torch.device) -> tuple[fl
     generator = torch.Generator().manual_seed(size)
     inputs = torch.rand(batch, 4, size, size, generator=generator).to(device)
     target = torch.rand(batch, 1, size, size, generator=generator).to(device)
-    plain = _median_ms(_plain_step(teacher, student, torch.optim.Adam(student.parameters()),
-                                   inputs, target), steps, device)
+    plain_step = _plain_step(teacher, student, torch.optim.Adam(student.parameters()),
+                             inputs, target)
+    plain_step()  # a second warm-up beside median_ms's own: Adam's state is made here
+    plain = median_ms(plain_step, device, steps)
     distiller = Distiller(teacher, student, TERMS, example_inputs=inputs[:2]).train()
     optimizer = torch.optim.Adam(distiller.trainable_parameters())
-    spkd = _median_ms(_distillation_step(distiller, optimizer, inputs, target), steps, device)
+    spkd_step = _distillation_step(distiller, optimizer, inputs, target)
+    spkd_step()
+    spkd = median_ms(spkd_step, device, steps)
     return plain, spkd
 
 
