@@ -288,7 +288,7 @@ class TrainSettings:
     grad_clip: float | None = None
     amp: bool = True  # mixed precision: on CUDA; on the CPU only with amp_dtype bf16
     amp_dtype: str = "fp16"  # fp16 (with loss scaling) | bf16
-    channels_last: bool = False  # models and 4-D inputs in channels-last memory format
+    channels_last: bool = True  # models and 4-D inputs in channels-last memory format
     compile: bool = False  # torch.compile the student's forward
     compile_backend: str = "inductor"  # any torch.compile backend (e.g. aot_eager)
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (naming term and step) | skip the step

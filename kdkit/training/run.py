@@ -166,15 +166,17 @@ def skips_on_device(device: torch.device) -> bool:
 
 
 def _optimizer(parameters: list[nn.Parameter], settings: TrainSettings,
-               fused: bool) -> torch.optim.Optimizer:
-    """``train.optimizer`` (a choice that :mod:`kdkit.config` checks) over ``parameters``;
-    ``fused``: the fused implementation, which skips its step on the device when its
-    ``found_inf`` flag is set."""
+               device: torch.device) -> torch.optim.Optimizer:
+    """``train.optimizer`` (a choice that :mod:`kdkit.config` checks) over ``parameters``,
+    in the fused implementation where ``device`` has one (CUDA and the CPU: one kernel per
+    step instead of one per parameter and operation, 5% of a tiny student's CPU step; on
+    CUDA it also skips its step on the device when its ``found_inf`` flag is set)."""
+    fused = device.type in ("cpu", "cuda") or None
     if settings.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=settings.lr, momentum=0.9,
-                               weight_decay=settings.weight_decay, fused=fused or None)
+                               weight_decay=settings.weight_decay, fused=fused)
     return torch.optim.Adam(parameters, lr=settings.lr, weight_decay=settings.weight_decay,
-                            fused=fused or None)
+                            fused=fused)
 
 
 def _schedule(optimizer: torch.optim.Optimizer, settings: TrainSettings):
@@ -261,7 +263,7 @@ def build_run(config: RunConfig, task: Task, world: World, teacher: nn.Module | 
     extras = [p for m in (distiller.adapters, distiller.losses) for p in m.parameters()
               if p.requires_grad] if distiller else []
     parameters = [p for p in model.parameters() if p.requires_grad] + extras
-    optimizer = _optimizer(parameters, settings, skips_on_device(device))
+    optimizer = _optimizer(parameters, settings, device)
     scaler = torch.amp.GradScaler(  # loss scaling for fp16 only
         device.type, enabled=amp_enabled(settings, device) and settings.amp_dtype == "fp16")
     return Run(config, task, world, data, model, student, teacher, distiller, parameters,
