@@ -157,7 +157,7 @@ def _data_synth(args: argparse.Namespace) -> int:
 
     task = load_task(args.task)
     out = empty_output_folder(args.out, args.overwrite)
-    folder = task.write_synthetic(str(out), args.n, args.size, args.seed)
+    folder = task.write_synthetic(str(out), args.n, args.size, args.seed, args.backgrounds)
     print(f"wrote {args.n} samples and a contact sheet to {folder}")
     return 0
 
@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0,
                        help="seed of the first sample (sample i uses seed + i)")
+    synth.add_argument("--backgrounds", default=None,
+                       help="matting: natural (bundled photos, the default), procedural, or "
+                            "a folder of .jpg/.png photos")
     synth.set_defaults(run=_data_synth)
     return parser
 

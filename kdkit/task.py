@@ -83,8 +83,11 @@ class Task(Protocol):
         per-image guide such as a trimap, for tasks that take one), write results into
         ``output``, return the written paths."""
 
-    def write_synthetic(self, out: str, n: int, size: int, seed: int) -> Any:
-        """Optional (``kdkit data synth``): write ``n`` generated samples as a folder."""
+    def write_synthetic(self, out: str, n: int, size: int, seed: int,
+                        backgrounds: str | None = None) -> Any:
+        """Optional (``kdkit data synth``): write ``n`` generated samples as a folder;
+        ``backgrounds`` (``--backgrounds``, ``None`` for the task's default) where the task
+        has such a choice."""
 
 
 def registered_tasks() -> dict[str, str]:

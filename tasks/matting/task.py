@@ -69,6 +69,20 @@ FIELDS = ("image", "alpha", "trimap", "fg", "bg")
 REQUIRED_FIELDS = ("image", "alpha", "trimap")
 
 
+@dataclass(frozen=True)
+class BackgroundsCheck:
+    """``data.backgrounds``: natural, procedural, or an existing folder of photos."""
+
+    choices: tuple[str, ...] = matting_data.BACKGROUNDS
+
+    def allows(self, value: Any) -> bool:
+        return value in self.choices or Path(value).expanduser().is_dir()
+
+    def problem(self, key: str, value: Any) -> str:
+        return (f"{OneOf(self.choices).problem(key, value)}, or a folder of .jpg/.png "
+                f"photos ({value!r} is not a folder)")
+
+
 @dataclass
 class MattingData:
     """``data:`` section. ``synthetic`` generates samples (train and test from disjoint
@@ -93,6 +107,7 @@ class MattingData:
     bg_per_fg: int | None = None  # composition1k: the official 100 (train) / 20 (test)
     fields: list[str] = field(default_factory=lambda: list(FIELDS))
     pool: int | None = None  # synthetic: training samples made once and reused
+    backgrounds: str = "natural"  # synthetic: natural | procedural | a folder of photos
 
 
 register_checks(
@@ -106,6 +121,7 @@ register_checks(
     bg_per_fg=Range(1, note="or null for the official 100 (train) / 20 (test)"),
     fields=OneOf(FIELDS),
     pool=Range(1, note="or null to make every training sample anew"),
+    backgrounds=BackgroundsCheck(),
 )
 
 
@@ -205,10 +221,11 @@ class MattingTask:
             return (
                 matting_data.SyntheticMatting("train", data.train_length, data.size,
                                               data.unknown_value, train_transform, data.pool,
-                                              data.fields),
+                                              data.fields, data.backgrounds),
                 matting_data.SyntheticMatting("test", data.test_length, data.size,
                                               data.unknown_value, eval_transform,
-                                              fields=data.fields),
+                                              fields=data.fields,
+                                              backgrounds=data.backgrounds),
             )
         if data.root is None or data.test_root is None:
             raise ConfigError(f"data.kind {data.kind!r} needs data.root and data.test_root")
@@ -305,5 +322,7 @@ class MattingTask:
             written.append(target)
         return written
 
-    def write_synthetic(self, out: str, n: int, size: int, seed: int) -> Path:
-        return matting_data.write_synthetic_folder(out, n, size, seed0=seed)
+    def write_synthetic(self, out: str, n: int, size: int, seed: int,
+                        backgrounds: str | None = None) -> Path:
+        return matting_data.write_synthetic_folder(out, n, size, seed0=seed,
+                                                   backgrounds=backgrounds or "natural")

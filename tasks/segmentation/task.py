@@ -177,5 +177,9 @@ class SegmentationTask:
             written.append(target)
         return written
 
-    def write_synthetic(self, out: str, n: int, size: int, seed: int) -> Path:
+    def write_synthetic(self, out: str, n: int, size: int, seed: int,
+                        backgrounds: str | None = None) -> Path:
+        if backgrounds is not None:
+            raise ConfigError("--backgrounds applies to the matting task; leave it out for "
+                              "segmentation")
         return seg_data.write_synthetic_folder(out, n, size, seed0=seed)

@@ -12,11 +12,12 @@ from kdkit.data import contact_sheet, read_image, split_seed, write_gray, write_
 
 from .files import read_alpha, read_trimap
 from .folders import Composition1kMatting, ImageFolderMatting, composite_truncated
-from .synthetic import SyntheticMatting, synthesize, write_synthetic_folder
+from .synthetic import BACKGROUNDS, SyntheticMatting, synthesize, write_synthetic_folder
 from .transforms import EvalTransform, TrainTransform, to_tensors
 from .trimaps import eval_trimap, normalise_trimap, random_trimap
 
 __all__ = [
+    "BACKGROUNDS",
     "Composition1kMatting",
     "EvalTransform",
     "ImageFolderMatting",

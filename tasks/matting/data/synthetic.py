@@ -10,7 +10,12 @@ A sample is made hard in the ways real matting is hard:
 - **a semi-transparent veil** (glass/smoke): a soft region with a smoothly varying alpha in
   ``[0.1, 0.9]`` partly behind the body;
 - **shared colours**: foreground and background textures (smooth noise, stripes or checkers)
-  map through one random colour palette, so colour alone does not separate them.
+  map through one random colour palette, so colour alone does not separate them
+  (``backgrounds="procedural"``);
+- **natural photos** (``backgrounds="natural"``, the default, or a folder of photos): the
+  background is an augmented crop of a photograph, and half the time so is the body's colour
+  (another photo where the split has two or more), the other half a procedural texture; test
+  seeds draw only the split's held-out photos (:mod:`kdkit.data.photos`).
 
 The layers are combined with the *over* operator; the foreground colour ``fg`` is the
 layers' colour wherever alpha > 0 and the body texture elsewhere. Alpha is quantised to
@@ -33,6 +38,7 @@ import cv2
 import numpy as np
 
 from kdkit.data import SeededDataset, contact_sheet, split_seed, write_gray, write_image
+from kdkit.data.photos import photo_pyramid, photo_sources, random_patch
 from kdkit.data.textures import (
     low_resolution,
     palette,
@@ -48,7 +54,10 @@ from .trimaps import DEFAULT_UNKNOWN, check_unknown_value, eval_trimap
 
 __all__ = [
     "SUPERSAMPLE",
+    "BACKGROUNDS",
     "SyntheticMatting",
+    "check_backgrounds",
+    "seed_split",
     "synthesize",
     "write_synthetic_folder",
 ]
@@ -56,6 +65,35 @@ __all__ = [
 SUPERSAMPLE = 4
 _MIN_SIZE = 32
 _SHIFT = 2  # fractional bits of the polyline/ellipse coordinates
+BACKGROUNDS = ("natural", "procedural")  # or the path of a folder of photos
+PROCEDURAL = "procedural"
+
+
+def seed_split(seed: int) -> str:
+    """The split whose seed range holds ``seed`` (see :func:`kdkit.data.split_seed`)."""
+    return "test" if seed >= split_seed("test", 0) else "train"
+
+
+def check_backgrounds(backgrounds: str, split: str) -> str:
+    """``backgrounds``, once its photos for ``split`` are found (a clear error if not)."""
+    if backgrounds != PROCEDURAL:
+        photo_sources(backgrounds, split)
+    return backgrounds
+
+
+def _photo_layers(rng: np.random.Generator, size: int, backgrounds: str, split: str,
+                  colours: np.ndarray) -> tuple[np.ndarray, np.ndarray, str, str]:
+    """``(bg, body, bg_source, fg_source)``: ``size×size×3`` uint8 background (a photo
+    patch) and body colour (a patch of another photo, or a texture half the time), with the
+    names of their photos (``"procedural"`` for a texture)."""
+    sources = photo_sources(backgrounds, split)
+    which = int(rng.integers(len(sources)))
+    bg = random_patch(rng, photo_pyramid(sources[which][1]), size)
+    if rng.random() < 0.5:
+        return bg, texture(rng, size, colours), sources[which][0], PROCEDURAL
+    other = (which + 1 + int(rng.integers(max(1, len(sources) - 1)))) % len(sources)
+    body = random_patch(rng, photo_pyramid(sources[other][1]), size)
+    return bg, body, sources[which][0], sources[other][0]
 
 
 def _ellipses(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -169,12 +207,17 @@ def _strand_alpha(rng: np.random.Generator, size: int, ellipses: np.ndarray) -> 
     return alpha_from_uint8(cv2.resize(fine, (size, size), interpolation=cv2.INTER_AREA))
 
 
-def synthesize(seed: int, size: int = 512, *, unknown_value: int = DEFAULT_UNKNOWN) -> dict:
-    """One synthetic sample of ``size×size`` pixels, a pure function of ``seed``.
+def synthesize(seed: int, size: int = 512, *, backgrounds: str = "natural",
+               unknown_value: int = DEFAULT_UNKNOWN) -> dict:
+    """One synthetic sample of ``size×size`` pixels, a pure function of ``seed`` and
+    ``backgrounds`` (``"natural"``, ``"procedural"`` or a folder of photos); a seed of the
+    test range (:func:`seed_split`) draws only the test photos.
 
     Returns ``image``, ``fg``, ``bg`` (``size×size×3`` uint8 RGB), ``alpha`` (``size×size``
     float32, multiples of 1/255 in [0, 1]), ``trimap`` (``size×size`` uint8, the evaluation
-    trimap with radius ``max(1, round(10·size/512))``) and ``name`` (``"synthetic_<seed>"``).
+    trimap with radius ``max(1, round(10·size/512))``), ``name`` (``"synthetic_<seed>"``)
+    and ``bg_source``, ``fg_source``: the photo names behind ``bg`` and the body colour
+    (``"procedural"`` for a texture).
     """
     if size < _MIN_SIZE:
         raise DataError(f"size must be at least {_MIN_SIZE} pixels (data.size, or --size of "
@@ -182,8 +225,12 @@ def synthesize(seed: int, size: int = 512, *, unknown_value: int = DEFAULT_UNKNO
     unknown_value = check_unknown_value(unknown_value)
     rng = np.random.default_rng(seed)
     colours = palette(rng)
-    bg = texture(rng, size, colours)
-    body = texture(rng, size, colours)
+    if backgrounds == PROCEDURAL:
+        bg, body = texture(rng, size, colours), texture(rng, size, colours)
+        bg_source = fg_source = PROCEDURAL
+    else:
+        bg, body, bg_source, fg_source = _photo_layers(rng, size, backgrounds, seed_split(seed),
+                                                       colours)
     hair_colour = colours[rng.integers(256), 0].astype(np.float32)  # hair = ½ body + ½ this
     veil_colour = colours[rng.integers(256), 0].astype(np.float32)
     ellipses = _ellipses(rng, size)
@@ -218,6 +265,8 @@ def synthesize(seed: int, size: int = 512, *, unknown_value: int = DEFAULT_UNKNO
         "alpha": alpha,
         "trimap": eval_trimap(alpha, radius, unknown_value),
         "name": f"synthetic_{seed}",
+        "bg_source": bg_source,
+        "fg_source": fg_source,
     }
 
 
@@ -229,6 +278,8 @@ class SyntheticMatting(SeededDataset):
     Items are the sample dicts (see :func:`synthesize`) with only the array ``fields``
     (all when ``None``), passed through ``transform`` when one is given. ``pool=N`` draws
     them from ``N`` samples made once (see :class:`kdkit.data.SeededDataset`).
+    ``backgrounds``: ``"natural"``, ``"procedural"`` or a folder of photos (see
+    :func:`synthesize`); a folder is checked here.
     """
 
     def __init__(
@@ -240,17 +291,21 @@ class SyntheticMatting(SeededDataset):
         transform: Callable[[dict], dict] | None = None,
         pool: int | None = None,
         fields: Sequence[str] | None = None,
+        backgrounds: str = "natural",
     ) -> None:
         if size < _MIN_SIZE:
             raise DataError(f"size must be at least {_MIN_SIZE} pixels (data.size, or --size of "
                         f"kdkit data synth), found {size}")
         self.size, self.unknown_value = size, check_unknown_value(unknown_value)
-        generate = partial(synthesize, size=size, unknown_value=self.unknown_value)
+        self.backgrounds = check_backgrounds(backgrounds, split)
+        generate = partial(synthesize, size=size, backgrounds=backgrounds,
+                           unknown_value=self.unknown_value)
         super().__init__(generate, split, length, transform, pool, fields)
 
 
 def write_synthetic_folder(
-    out_dir: str | Path, n: int, size: int, seed0: int = 0, split: str = "train"
+    out_dir: str | Path, n: int, size: int, seed0: int = 0, split: str = "train",
+    backgrounds: str = "natural",
 ) -> Path:
     """Write samples ``seed0 .. seed0+n-1`` of ``split`` as a plain matting folder.
 
@@ -261,14 +316,15 @@ def write_synthetic_folder(
         out_dir/trimap/00000.png evaluation trimap, unknown value 128
         out_dir/contact_sheet.png  the first 16 samples: image | alpha | trimap
 
-    Returns ``out_dir`` as a Path.
+    ``backgrounds`` as for :func:`synthesize`. Returns ``out_dir`` as a Path.
     """
     if n < 1:
         raise DataError(f"n must be at least 1, found {n}")
+    check_backgrounds(backgrounds, split)
     out = Path(out_dir)
     shown = []
     for i in range(n):
-        sample = synthesize(split_seed(split, seed0 + i), size)
+        sample = synthesize(split_seed(split, seed0 + i), size, backgrounds=backgrounds)
         stem = f"{i:05d}.png"
         for key in ("image", "fg", "bg"):
             write_image(out / key / stem, sample[key])
