@@ -5,8 +5,12 @@ registry from name to module class (:func:`register_loss`, :func:`build_loss`)."
 from __future__ import annotations
 
 from kdkit.losses.attention import AttentionTransferLoss, attention_map, attention_transfer_loss
+from kdkit.losses.cwd import CWDLoss, cwd_loss
+from kdkit.losses.dist import DISTLoss, dist_loss, pearson
+from kdkit.losses.fitnet import FitNetLoss, fitnet_loss
 from kdkit.losses.fsp import FSPLoss, fsp_loss, fsp_matrix
 from kdkit.losses.hinton import HintonKDLoss, hinton_kd_loss
+from kdkit.losses.mgd import MGDLoss, mgd_generator, mgd_loss, mgd_mask
 from kdkit.losses.ofd import OFDLoss, ofd_layer_weights, ofd_loss, ofd_margin
 from kdkit.losses.protocol import DistillationLoss, bind_teacher, takes_lists
 from kdkit.losses.registry import LOSSES, UnknownLossError, build_loss, register_loss
@@ -33,19 +37,30 @@ __all__ = [
     "attention_transfer_loss",
     "batch_similarity_loss",
     "channel_similarity_loss",
+    "cwd_loss",
+    "dist_loss",
+    "fitnet_loss",
     "fsp_loss",
     "fsp_matrix",
     "hinton_kd_loss",
+    "mgd_generator",
+    "mgd_loss",
+    "mgd_mask",
     "ofd_layer_weights",
     "ofd_loss",
     "ofd_margin",
+    "pearson",
     "spatial_similarity_loss",
     "spatial_channel_similarity_loss",
     "AttentionTransferLoss",
     "BatchSimilarityLoss",
     "ChannelSimilarityLoss",
+    "CWDLoss",
+    "DISTLoss",
+    "FitNetLoss",
     "FSPLoss",
     "HintonKDLoss",
+    "MGDLoss",
     "OFDLoss",
     "SpatialSimilarityLoss",
     "SpatialChannelSimilarityLoss",
