@@ -24,13 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from kdkit.checkpoint import load_weights, resolve_path, save_atomic
+from kdkit.checkpoint import save_atomic
 from kdkit.config import RunConfig, from_mapping, load_yaml, run_config_from_mapping
 from kdkit.dcp import prune_run
 from kdkit.distributed import World, end_world, setup_world
 from kdkit.errors import ConfigError
+from kdkit.evaluation_cache import (
+    evaluate_cached,
+    evaluate_training_free,
+    evaluation_key,
+    training_free_method,
+)
 from kdkit.report import (
     ModelResult,
     check_metric_names,
@@ -42,10 +46,8 @@ from kdkit.task import Task
 from kdkit.train import (
     WEIGHTS,
     build_model,
-    metric_values,
     read_log,
     resolve_device,
-    test_batches,
     train,
 )
 from kdkit.training.budget import (
@@ -59,13 +61,8 @@ from kdkit.training.budget import (
 from kdkit.training.folder import RunFolder, resume_problems
 from kdkit.training.lockstep import alone_reason, lockstep_chunks, train_lockstep
 
-__all__ = ["CompareConfig", "evaluation_key", "load_compare_config", "method_runs",
-           "needs_teacher", "run_compare"]
-
-# Bump when kdkit's per-image evaluation changes (a task bumps its own ``metrics_version``):
-# it is part of every cached evaluation's key, so the caches are recomputed.
-METRICS_VERSION = 1
-
+__all__ = ["CompareConfig", "evaluation_key", "is_training_free", "load_compare_config",
+           "method_runs", "needs_teacher", "run_compare", "training_free_rows"]
 
 @dataclass
 class CompareConfig:
@@ -116,10 +113,40 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
     if config.baseline not in config.methods:
         raise ConfigError(f"{path}: baseline {config.baseline!r} is not among the methods: "
                           f"{', '.join(config.methods)}")
+    _check_training_free_specs(config, path)
     report_settings(config.report)  # checked now, not after every run has trained
     if config.budget is not None:
         parse_duration(config.budget)
     return config
+
+
+TRAINING_FREE = "training_free"  # a method ``{training_free: <name>}``: the task's own
+
+
+def is_training_free(spec: dict | None) -> bool:
+    """Whether a method's spec names one of the task's training-free methods."""
+    return TRAINING_FREE in (spec or {})
+
+
+def _check_training_free_specs(config: CompareConfig, path: Path) -> None:
+    """A training-free method is ``{training_free: <name>}`` alone, and not the baseline."""
+    for name, spec in config.methods.items():
+        if is_training_free(spec) and set(spec) != {TRAINING_FREE}:
+            raise ConfigError(f"{path}: methods.{name}: a training-free method takes only "
+                              f"'{TRAINING_FREE}: <name>', found {sorted(spec)}")
+    if is_training_free(config.methods[config.baseline]):
+        raise ConfigError(f"{path}: baseline {config.baseline!r} is training-free; the "
+                          "baseline must be a trained method")
+
+
+def training_free_rows(config: CompareConfig, task: Task) -> dict[str, str]:
+    """{row label: the task's training-free method} of the methods ``{training_free:
+    name}``; a name the task lacks is a ConfigError listing the task's methods."""
+    rows = {label: spec[TRAINING_FREE] for label, spec in config.methods.items()
+            if is_training_free(spec)}
+    for label, name in rows.items():
+        training_free_method(task, name, f"methods.{label}")
+    return rows
 
 
 def _run_dir(config: CompareConfig, method: str, seed: int) -> Path:
@@ -199,9 +226,12 @@ def method_runs(config: CompareConfig, w2: float | None = None) -> list[tuple]:
     """(method name, seed, run config, prune job or None) for every method and seed.
     With ``w2`` the distillation weights of every method with feature terms are multiplied
     by it and its name gains ``@w2=<value>``. A method with ``prune:`` first sparsifies and
-    prunes (DCP), then trains the pruned model with its own loss and terms."""
+    prunes (DCP), then trains the pruned model with its own loss and terms. Training-free
+    methods have no runs."""
     runs = []
     for name, spec in config.methods.items():
+        if is_training_free(spec):
+            continue  # never trained: see training_free_rows
         spec = dict(spec or {})
         prune = spec.pop("prune", None)
         has_terms = bool(spec.get("distillation"))
@@ -231,56 +261,6 @@ def _finished(run: RunConfig) -> bool:
     saved = folder.saved_config() if folder.weights.exists() else None
     return (saved is not None and not resume_problems(saved, run, run.train.steps)
             and any(r["step"] == run.train.steps for r in read_log(folder.path, "eval")))
-
-
-@torch.no_grad()
-def per_image_metrics(task: Task, model, dataset, run, device) -> list[dict[str, float]]:
-    """Each test image's metrics (a fresh metric per image), in dataset order."""
-    model.eval()
-    values = []
-    for batch in test_batches(dataset, device, run.train.num_workers):
-        metrics = task.metrics(run.metrics).to(device)
-        task.update_metrics(metrics, model(*task.model_inputs(batch)), batch)
-        values.append(metric_values(metrics))
-    return values
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (a weights file: small enough to hash whole)."""
-    digest = hashlib.sha256()
-    with open(resolve_path(path), "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def evaluation_key(task: Task, model_spec: dict, weights: str | Path, data: dict,
-                   metrics: dict) -> dict[str, Any]:
-    """Everything that produced a model's per-image metrics: the weights' bytes, the
-    architecture, the evaluation's ``data:`` and ``metrics:`` mappings, and the metric
-    versions of kdkit and of the task (``task.metrics_version``, 1 when absent)."""
-    return json.loads(json.dumps({
-        "weights": file_digest(weights), "model": model_spec, "data": data,
-        "metrics": metrics,
-        "metrics_version": {"kdkit": METRICS_VERSION,
-                            "task": getattr(task, "metrics_version", 1)},
-    }, sort_keys=True, default=str))
-
-
-def _evaluate_cached(task: Task, model_spec: dict, weights: str | Path, run, data: dict,
-                     device, eval_set, cache: Path) -> list[dict[str, float]]:
-    """Per-image metrics of the model ``model_spec`` with ``weights`` on ``eval_set`` (made
-    from ``data``), read from ``cache`` when it holds them under the same
-    :func:`evaluation_key`, else computed and written there with the key."""
-    key = evaluation_key(task, model_spec, weights, data, run.metrics)
-    if cache.exists():
-        stored = json.loads(cache.read_text())
-        if isinstance(stored, dict) and stored.get("key") == key:
-            return stored["per_image"]
-    model = load_weights(build_model(task, model_spec), weights).to(device)
-    values = per_image_metrics(task, model, eval_set, run, device)
-    cache.write_text(json.dumps({"key": key, "per_image": values}))
-    return values
 
 
 def _all_runs(config: CompareConfig, w2_values: list[float] | None) -> tuple[list, dict]:
@@ -399,16 +379,31 @@ def _evaluate_all(config: CompareConfig, task: Task, runs: list, device,
     teacher, teacher_spec = teacher_run(config), config.teacher["model"]
     results = [ModelResult(
         "teacher", 0, teacher_spec,
-        _evaluate_cached(task, teacher_spec, teacher_checkpoint(config), first, first.data,
+        evaluate_cached(task, teacher_spec, teacher_checkpoint(config), first, first.data,
                          device, eval_set, Path(config.out_dir) / "teacher_per_image.json"),
         None if teacher is None else Path(teacher.out_dir), teacher=True)]
     for label, seed, run in runs:
         run_dir = Path(run.out_dir)
         results.append(ModelResult(
             label, seed, run.model,
-            _evaluate_cached(task, run.model, run_dir / WEIGHTS, run, first.data, device,
+            evaluate_cached(task, run.model, run_dir / WEIGHTS, run, first.data, device,
                              eval_set, run_dir / "per_image.json"),
             run_dir))
+    return results + _evaluate_training_free(config, task, first, device, eval_set)
+
+
+def _evaluate_training_free(config: CompareConfig, task: Task, first: RunConfig, device,
+                            eval_set) -> list[ModelResult]:
+    """The training-free rows' per-image metrics on ``eval_set`` (cached in
+    ``out_dir/training_free/<label>.json``), one result per seed (the same metrics: each
+    is paired with that seed's baseline), with the median CPU seconds per image."""
+    results = []
+    for label, name in training_free_rows(config, task).items():
+        cache = Path(config.out_dir) / "training_free" / f"{label.replace(' ', '_')}.json"
+        per_image, seconds = evaluate_training_free(task, name, first, first.data, device,
+                                                    eval_set, cache)
+        results += [ModelResult(label, seed, {TRAINING_FREE: name}, per_image, None,
+                                seconds_per_image=seconds) for seed in config.seeds]
     return results
 
 
@@ -544,6 +539,7 @@ def run_compare(config: CompareConfig, task: Task, w2_values: list[float] | None
     everything per image, write the report; returns the report folder."""
     runs, jobs = _all_runs(config, w2_values)
     _check_report_metrics(config, task, runs[0][2])
+    training_free_rows(config, task)  # an unknown name costs seconds, not the training
     plan, runs, jobs = _budget(config, task, w2_values, runs, jobs, progress)
     _train_missing(config, task, runs, jobs, progress)
     first = runs[0][2]

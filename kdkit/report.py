@@ -3,7 +3,7 @@ CSV, and figures (metric bars with intervals, training curves, example predictio
 
 The report is built in two steps: :func:`build_report` turns the evaluated models into a
 :class:`CompareReport` (numbers only), and the renderers write it: :func:`render_markdown`,
-:func:`write_csv` and the figures.
+:func:`write_csv` and the figures (:mod:`kdkit.report_figures`).
 
 Statistics. For each method, each seed's metric is the mean over test images; the table
 gives the mean ± standard deviation of that over seeds (with one seed, the mean and
@@ -16,9 +16,7 @@ these seeds).
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import itertools
 import json
 import math
 import statistics
@@ -26,27 +24,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from kdkit.checkpoint import load_weights  # noqa: E402
-from kdkit.config import from_mapping  # noqa: E402
-from kdkit.errors import ConfigError, DataError  # noqa: E402
-from kdkit.export import cpu_latency_ms  # noqa: E402
-from kdkit.provenance import provenance, provenance_line  # noqa: E402
-from kdkit.pruning import count_parameters_and_flops  # noqa: E402
-from kdkit.train import WEIGHTS, build_model, read_log, test_batches  # noqa: E402
-from kdkit.training.runlog import tensorboard_writer  # noqa: E402
+from kdkit.config import from_mapping
+from kdkit.errors import ConfigError, DataError
+from kdkit.export import cpu_latency_ms
+from kdkit.provenance import provenance, provenance_line
+from kdkit.pruning import count_parameters_and_flops
+from kdkit.train import build_model, read_log
 
 __all__ = ["CompareReport", "MethodRow", "ModelCost", "ModelResult", "ReportSettings", "SeedRow",
            "Stat", "bootstrap_interval", "build_report", "check_metric_names", "column_digits",
-           "figure_bars", "figure_curves", "figure_examples", "render_markdown",
-           "render_table", "report_settings", "training_curves", "unpruned_spec", "verdicts",
+           "method_label", "metric_header", "render_markdown", "render_table",
+           "report_settings", "training_curves", "unpruned_spec", "verdicts",
            "write_compare_report", "write_csv"]
 
 BOOTSTRAP_SAMPLES = 10_000
@@ -56,7 +47,9 @@ METRIC_DIGITS, OTHER_DIGITS = 4, 3
 
 @dataclass
 class ModelResult:
-    """One trained model's per-image test metrics and where its run lives."""
+    """One model's per-image test metrics and where its run lives; a training-free method
+    (``model_spec`` ``{training_free: name}``: no run, no weights) has its median CPU
+    seconds per image instead."""
 
     name: str
     seed: int
@@ -64,6 +57,11 @@ class ModelResult:
     per_image: list[dict[str, float]]
     run_dir: Path | None
     teacher: bool = False
+    seconds_per_image: float | None = None
+
+    @property
+    def training_free(self) -> bool:
+        return "training_free" in self.model_spec
 
     def mean(self, metric: str) -> float:
         return statistics.fmean(image[metric] for image in self.per_image)
@@ -137,13 +135,19 @@ class Stat:
 class ModelCost:
     """An architecture's parameters, GFLOPs of one forward, CPU ms of one forward (None when
     not timed) and, for a pruned model, the percentage of the unpruned architecture's
-    parameters and GFLOPs it kept."""
+    parameters and GFLOPs it kept. A training-free method has none of these, only
+    ``image_s``: its median wall-clock CPU seconds per test image."""
 
-    params: int
-    gflops: float
+    params: int | None
+    gflops: float | None
     cpu_ms: float | None = None
     kept_params: float | None = None
     kept_gflops: float | None = None
+    image_s: float | None = None
+
+    @property
+    def training_free(self) -> bool:
+        return self.image_s is not None
 
 
 @dataclass
@@ -192,6 +196,10 @@ class CompareReport:
     @property
     def intervals(self) -> dict[str, tuple[float, float, float]]:
         return {row.method: row.delta for row in self.rows if row.delta is not None}
+
+    @property
+    def training_free(self) -> bool:
+        return any(row.cost.training_free for row in self.rows)
 
     @property
     def pruned(self) -> bool:
@@ -258,11 +266,14 @@ def _model_cost(task, spec: dict, settings: ReportSettings) -> tuple[ModelCost, 
 
 def _costs(task, results: list[ModelResult],
            settings: ReportSettings) -> tuple[dict[str, ModelCost], str]:
-    """({architecture key: cost} for every architecture among ``results``, the runtime)."""
+    """({architecture key: cost} for every architecture among ``results``, the runtime);
+    a training-free method's cost is its seconds per image."""
     costs, runtime = {}, ""
     for result in results:
         key = _spec_key(result.model_spec)
-        if key not in costs:
+        if result.training_free:
+            costs[key] = ModelCost(None, None, image_s=result.seconds_per_image)
+        elif key not in costs:
             costs[key], runtime = _model_cost(task, result.model_spec, settings)
     return costs, runtime
 
@@ -294,7 +305,10 @@ def _paired(results: list[ModelResult], baseline: str, metric: str) -> dict[str,
 
 def _method_row(name: str, group: list[ModelResult], metric_names: list[str],
                 cost: ModelCost, delta) -> MethodRow:
-    stats = {m: Stat.of([r.mean(m) for r in group]) for m in metric_names}
+    """A method's row; a training-free method's metrics are one result (every seed's are
+    the same), so n = 1."""
+    group_stats = group[:1] if group[0].training_free else group
+    stats = {m: Stat.of([r.mean(m) for r in group_stats]) for m in metric_names}
     times = [t for t in map(_ms_per_step, (r.run_dir for r in group)) if t is not None]
     return MethodRow(name, stats, cost, statistics.median(times) if times else None, delta)
 
@@ -378,7 +392,11 @@ def _delta_column(report: CompareReport) -> list[str]:
     return [_delta_cell(d, digits) for d in deltas]
 
 
-def _metric_header(report: CompareReport, metric: str) -> str:
+def method_label(row: MethodRow) -> str:
+    return f"{row.method} (training-free)" if row.cost.training_free else row.method
+
+
+def metric_header(report: CompareReport, metric: str) -> str:
     unit = report.units.get(metric)
     return f"{metric} ({unit})" if unit else metric
 
@@ -386,10 +404,10 @@ def _metric_header(report: CompareReport, metric: str) -> str:
 def _columns(report: CompareReport) -> list[tuple[str, list[str]]]:
     """The table as (header, cells) columns, each cell in its column's format."""
     s, rows = report.settings, report.rows
-    columns = [("method", [row.method for row in rows])]
-    columns += [(_metric_header(report, m), _metric_column(report, m))
+    columns = [("method", [method_label(row) for row in rows])]
+    columns += [(metric_header(report, m), _metric_column(report, m))
                 for m in report.metric_names]
-    columns.append(("params", [f"{row.cost.params:,}" for row in rows]))
+    columns.append(("params", [_number(row.cost.params, 0) for row in rows]))
     columns.append((f"GFLOPs @{s.flops_size[0]}²",
                     _cost_column([row.cost.gflops for row in rows])))
     if report.pruned:
@@ -399,6 +417,9 @@ def _columns(report: CompareReport) -> list[tuple[str, list[str]]]:
         columns.append((f"CPU ms @{s.latency_size[0]}²",
                         _cost_column([row.cost.cpu_ms for row in rows])))
     columns.append(("train ms/step", _cost_column([row.train_ms_per_step for row in rows])))
+    if report.training_free:
+        columns.append(("training-free CPU s/image",
+                        _cost_column([row.cost.image_s for row in rows])))
     columns.append((f"Δ{s.primary} vs {report.baseline} [95% CI]", _delta_column(report)))
     return columns
 
@@ -445,6 +466,13 @@ def _method_text(report: CompareReport) -> str:
         text += (f" CPU ms: median of one forward pass of one {s.latency_size[0]}×"
                  f"{s.latency_size[1]} input on this machine's CPU ({report.runtime}, "
                  f"{report.threads} threads).")
+    if report.training_free:
+        text += (" Training-free rows are the task's classical methods, never trained: the "
+                 "same per-image metrics for every seed, each seed's paired with that seed's "
+                 "baseline; they have no parameters, GFLOPs or steps. Their CPU s/image is "
+                 "the median wall-clock time of the method on one test image at the test "
+                 "set's own size on this machine, measured when their metrics were computed "
+                 "(not the networks' CPU ms, a latency at the size above).")
     return text
 
 
@@ -481,50 +509,21 @@ def write_csv(report: CompareReport, path: Path) -> None:
     """results.csv: one row per model and seed, raw numbers."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", "seed", *report.metric_names, "params", "gflops",
-                         "kept_params_pct", "kept_gflops_pct", "cpu_ms", "train_ms_per_step"])
+        writer.writerow(["method", "seed", "training_free", *report.metric_names, "params",
+                         "gflops", "kept_params_pct", "kept_gflops_pct", "cpu_ms",
+                         "train_ms_per_step", "cpu_s_per_image"])
         for row in report.seed_rows:
             cost = row.cost
             optional = (cost.kept_params, cost.kept_gflops, cost.cpu_ms, row.train_ms_per_step)
-            writer.writerow([row.method, row.seed,
+            writer.writerow([row.method, row.seed, "yes" if cost.training_free else "",
                              *(f"{row.metrics[m]:.6g}" for m in report.metric_names),
-                             cost.params, f"{cost.gflops:.3f}",
-                             *("" if v is None else f"{v:.1f}" for v in optional)])
+                             "" if cost.params is None else cost.params,
+                             "" if cost.gflops is None else f"{cost.gflops:.3f}",
+                             *("" if v is None else f"{v:.1f}" for v in optional),
+                             "" if cost.image_s is None else f"{cost.image_s:.4g}"])
 
 
-# --- rendering: figures -----------------------------------------------------------------------
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def figure_bars(path: Path, report: CompareReport) -> None:
-    """metrics.png: the primary metric's mean per method, and each method's interval."""
-    s, intervals = report.settings, report.intervals
-    names = [row.method for row in report.rows]
-    improved, worsened, _ = verdicts(intervals, s.better)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 2))
-    y = np.arange(len(names))
-    left.barh(y, [row.metrics[s.primary].mean for row in report.rows], color="#4878a8")
-    left.set_yticks(y, names)
-    left.invert_yaxis()
-    left.set_xlabel(f"mean {_metric_header(report, s.primary)} ({s.better} is better)")
-    for i, name in enumerate(names):
-        if name in intervals:
-            mean, lo, hi = intervals[name]
-            colour = ("#2a7d2a" if name in improved else "#b23030" if name in worsened
-                      else "#777777")
-            right.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", color=colour,
-                           capsize=4)
-    right.axvline(0, color="black", linewidth=0.8)
-    right.xaxis.set_major_locator(MaxNLocator(nbins=5))  # labels like −0.075 need room
-    right.set_yticks(y, names)
-    right.set_ylim(left.get_ylim())
-    right.set_xlabel(f"{s.primary} − {report.baseline}, per image, 95% bootstrap interval")
-    _save(fig, path)
+# --- figures: kdkit/report_figures.py; the curves' numbers ---------------------------------
 
 
 CURVES = {"task_loss": "task loss (the task's own terms, unweighted: comparable)",
@@ -545,97 +544,29 @@ def training_curves(results: list[ModelResult]) -> dict[str, dict[str, list[tupl
     return curves
 
 
-def figure_curves(path: Path, results: list[ModelResult]) -> None:
-    """curves.png: the task loss of each method beside the run's own total."""
-    curves = training_curves(results)
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(14, 5))
-    for ax, (key, label) in zip(axes, CURVES.items()):
-        for name, points in curves[key].items():
-            ax.plot(*zip(*points), label=name, linewidth=1.2)
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        if curves[key]:
-            ax.set_yscale("log")
-            ax.legend(fontsize=8, ncol=2)
-        else:
-            ax.text(0.5, 0.5, f"no {key} in these logs", ha="center", transform=ax.transAxes)
-    _save(fig, path)
-
-
-@torch.no_grad()
-def figure_examples(path: Path, task, shown: dict[str, tuple[dict, str]], eval_set,
-                    device, count: int) -> None:
-    """examples.png: one row per test image (``count`` ≥ 1), the task's panels (input,
-    truth, each model of ``shown``: label → (model spec, weights))."""
-    models = {label: load_weights(build_model(task, spec), weights).to(device).eval()
-              for label, (spec, weights) in shown.items()}
-    rows = []
-    for batch in itertools.islice(test_batches(eval_set, device), count):
-        predictions = {label: m(*task.model_inputs(batch)) for label, m in models.items()}
-        rows.append(task.example_panels(batch, predictions))
-    columns = len(rows[0])
-    fig, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.2 * len(rows)),
-                             squeeze=False)
-    for r, panels in enumerate(rows):
-        for c, (title, picture) in enumerate(panels):
-            ax = axes[r][c]
-            ax.imshow(picture, cmap="gray", vmin=0, vmax=1 if picture.ndim == 2 else None)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=9)
-    _save(fig, path)
-
-
-def _shown_models(report: CompareReport, results: list[ModelResult],
-                  teacher_weights: str) -> dict[str, tuple[dict, str]]:
-    """The examples' models: the teacher, the baseline and the best other student."""
-    s, baseline = report.settings, report.baseline
-    means = {row.method: row.metrics[s.primary].mean for row in report.rows}
-    students = [n for n in means if n not in ("teacher", baseline)]
-    pick = min if s.better == "lower" else max
-    teacher = next(r for r in results if r.teacher)
-    shown = {"teacher": (teacher.model_spec, teacher_weights)}
-    labels = [(baseline, baseline)]
-    if students:
-        best = pick(students, key=means.__getitem__)
-        labels.append((f"{best} (best)", best))
-    for label, name in labels:
-        result = next(r for r in results if r.name == name)
-        shown[label] = (result.model_spec, str(result.run_dir / WEIGHTS))
-    return shown
-
-
 def write_compare_report(config, task, results: list[ModelResult], teacher_weights: str,
                          eval_set, device, notes: list[str] | None = None) -> Path:
     """Write results.csv, results.md (with ``notes``: lines on how the runs were trained,
     such as a budget's plan), metrics.png, curves.png and (unless ``report.examples: 0``)
     examples.png into ``<out_dir>/report`` and print the table; when the base run logs to
-    TensorBoard (``train.log``), the figures go there too (:func:`figures_to_tensorboard`).
-    Returns the folder."""
+    TensorBoard (``train.log``), the figures go there too
+    (:func:`kdkit.report_figures.figures_to_tensorboard`). Returns the folder."""
+    from kdkit import report_figures as figures  # it draws this module's numbers
+
     settings = report_settings(config.report, task)
     report = build_report(config, task, results, settings, len(eval_set), device, notes)
     out = Path(config.out_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     write_csv(report, out / "results.csv")
     (out / "results.md").write_text(render_markdown(report))
-    figure_bars(out / "metrics.png", report)
-    figure_curves(out / "curves.png", results)
+    figures.figure_bars(out / "metrics.png", report)
+    figures.figure_curves(out / "curves.png", results)
     if settings.examples:
-        figure_examples(out / "examples.png", task,
-                        _shown_models(report, results, teacher_weights), eval_set, device,
-                        settings.examples)
+        shown = figures.shown_predictions(report, results, task, teacher_weights, device)
+        figures.figure_examples(out / "examples.png", task, shown, eval_set, device,
+                                settings.examples)
     if "tensorboard" in (config.base.get("train") or {}).get("log", ()):
-        figures_to_tensorboard(out)
+        figures.figures_to_tensorboard(out)
     print("\n".join(render_table(report)))
     print(f"\nreport: {out / 'results.md'}")
     return out
-
-
-def figures_to_tensorboard(out: Path) -> None:
-    """The report's figures (``out/*.png``) as TensorBoard images ``report/<name>`` in
-    ``out/tensorboard/`` (for comparisons whose runs log to TensorBoard too)."""
-    with contextlib.closing(tensorboard_writer(out)) as writer:
-        for png in sorted(out.glob("*.png")):
-            picture = plt.imread(png)[..., :3]  # H×W×3 floats in [0, 1] (alpha dropped)
-            writer.add_image(f"report/{png.stem}", picture, dataformats="HWC")

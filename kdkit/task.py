@@ -89,6 +89,14 @@ class Task(Protocol):
         ``backgrounds`` (``--backgrounds``, ``None`` for the task's default) where the task
         has such a choice."""
 
+    def training_free(self) -> dict[str, Any]:
+        """Optional (a compare config's ``{training_free: <name>}`` rows): the task's
+        classical methods that need no training, by name; each is a callable mapping one
+        test sample as :func:`kdkit.train.test_batches` yields it (a batch of one, on the
+        evaluation device) to a prediction in the form :meth:`update_metrics` takes. An
+        optional ``version`` attribute (a string) enters their cached metrics' key. None
+        when absent."""
+
 
 def registered_tasks() -> dict[str, str]:
     """Short task names → ``module:Class`` from installed entry points."""

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from toy_task import ToyData, ToyNet, ToyTask
 
-from kdkit import compare
+from kdkit import compare, evaluation_cache
 from kdkit.checkpoint import save_atomic
 from kdkit.cli import main
 from kdkit.compare import load_compare_config, method_runs
@@ -128,7 +128,7 @@ def test_bad_compare_configs_are_explained(tmp_path):
 
 def test_cached_per_image_metrics_are_keyed_on_what_produced_them(tmp_path, monkeypatch):
     evaluations = []
-    monkeypatch.setattr(compare, "per_image_metrics", lambda *args: evaluations.append(
+    monkeypatch.setattr(evaluation_cache, "per_image_metrics", lambda *args: evaluations.append(
         len(args[2])) or [{"mse": float(i)} for i in range(len(args[2]))])
     run = run_config_from_mapping({"task": "toy_task:ToyTask", "model": {"width": 4},
                                    "out_dir": str(tmp_path / "run")})
@@ -138,7 +138,7 @@ def test_cached_per_image_metrics_are_keyed_on_what_produced_them(tmp_path, monk
 
     def evaluate(length):
         data = ToyData(length, 8, 1000, [])
-        return compare._evaluate_cached(task, run.model, weights, run, {"length": length},
+        return evaluation_cache.evaluate_cached(task, run.model, weights, run, {"length": length},
                                         "cpu", data, cache)
 
     assert len(evaluate(3)) == 3 and len(evaluate(3)) == 3 and evaluations == [3]

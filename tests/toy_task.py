@@ -71,3 +71,22 @@ class ToyTask:
 
     def example_panels(self, batch, predictions):
         return [("target", batch["target"][0, 0].numpy())]
+
+
+class MeanColour:
+    """A training-free toy method: a batch of one image → its channel mean (the toy
+    target, exactly); counts its calls."""
+
+    version = "1"
+    calls = 0
+
+    def __call__(self, batch):
+        MeanColour.calls += 1
+        return batch["image"].mean(1, keepdim=True)
+
+
+class TrainingFreeToyTask(ToyTask):
+    """The toy task with one training-free method, ``mean_colour``."""
+
+    def training_free(self):
+        return {"mean_colour": MeanColour()}
