@@ -326,3 +326,9 @@ class MattingTask:
                         backgrounds: str | None = None) -> Path:
         return matting_data.write_synthetic_folder(out, n, size, seed0=seed,
                                                    backgrounds=backgrounds or "natural")
+
+    def training_free(self) -> dict:
+        """Closed-form and KNN matting (pymatting; :mod:`tasks.matting.classical`)."""
+        from tasks.matting.classical import classical_methods
+
+        return classical_methods()
