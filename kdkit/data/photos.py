@@ -132,13 +132,25 @@ def photo_pyramid(path: str) -> tuple[np.ndarray, ...]:
     return tuple(levels)
 
 
+def _hue_rotation(angle: float) -> np.ndarray:
+    """3×3 rotation of RGB about the grey axis by ``angle`` (a hue shift; greys unchanged)."""
+    axis = np.ones(3) / math.sqrt(3)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return (math.cos(angle) * np.eye(3) + math.sin(angle) * cross
+            + (1 - math.cos(angle)) * np.outer(axis, axis))
+
+
 def _colour_matrix(rng: np.random.Generator, mean_luma: float) -> np.ndarray:
-    """3×4 affine RGB map: saturation ×0.6–1.4 about each pixel's luma, contrast
-    ×0.75–1.25 about ``mean_luma``, brightness ×0.75–1.25."""
-    saturation, contrast, brightness = rng.uniform([0.6, 0.75, 0.75], [1.4, 1.25, 1.25])
+    """3×4 affine RGB map: saturation ×0.6–1.4 about each pixel's luma, a hue shift of up to
+    ±180° half the time, a colour cast (each channel ×0.8–1.2, which tints grey photos),
+    contrast ×0.75–1.25 about ``mean_luma``, brightness ×0.75–1.25."""
+    saturation, contrast, brightness, shift = rng.uniform([0.6, 0.75, 0.75, 0],
+                                                          [1.4, 1.25, 1.25, 1])
+    angle = rng.uniform(-math.pi, math.pi) if shift < 0.5 else 0.0
+    cast = rng.uniform(0.8, 1.2, size=3)
     mix = saturation * np.eye(3) + (1 - saturation) * np.outer(np.ones(3), _LUMA)
-    gain = brightness * contrast * mix
-    offset = brightness * (1 - contrast) * mean_luma * np.ones((3, 1))
+    gain = brightness * contrast * np.diag(cast) @ _hue_rotation(angle) @ mix
+    offset = brightness * (1 - contrast) * mean_luma * cast[:, None]
     return np.hstack([gain, offset])
 
 

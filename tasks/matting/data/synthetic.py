@@ -81,14 +81,22 @@ def check_backgrounds(backgrounds: str, split: str) -> str:
     return backgrounds
 
 
+def _defocused(rng: np.random.Generator, bg: np.ndarray) -> np.ndarray:
+    """``bg`` (``S×S×3`` uint8) out of focus half the time, as behind a subject photographed
+    with a shallow depth of field: a Gaussian blur of sigma 0.2–1.5 % of ``S``."""
+    sigma = rng.uniform(0.002, 0.015) * bg.shape[0]
+    return cv2.GaussianBlur(bg, (0, 0), sigma) if rng.random() < 0.5 else bg
+
+
 def _photo_layers(rng: np.random.Generator, size: int, backgrounds: str, split: str,
                   colours: np.ndarray) -> tuple[np.ndarray, np.ndarray, str, str]:
     """``(bg, body, bg_source, fg_source)``: ``size×size×3`` uint8 background (a photo
-    patch) and body colour (a patch of another photo, or a texture half the time), with the
-    names of their photos (``"procedural"`` for a texture)."""
+    patch, out of focus half the time) and body colour (a patch of another photo, or a
+    texture half the time), with the names of their photos (``"procedural"`` for a
+    texture)."""
     sources = photo_sources(backgrounds, split)
     which = int(rng.integers(len(sources)))
-    bg = random_patch(rng, photo_pyramid(sources[which][1]), size)
+    bg = _defocused(rng, random_patch(rng, photo_pyramid(sources[which][1]), size))
     if rng.random() < 0.5:
         return bg, texture(rng, size, colours), sources[which][0], PROCEDURAL
     other = (which + 1 + int(rng.integers(max(1, len(sources) - 1)))) % len(sources)
