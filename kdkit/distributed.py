@@ -87,6 +87,21 @@ def all_gather_values(value: Any, world: World) -> list[Any]:
     return values
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward makes the incoming gradient contiguous: under gloo,
+    torch's all-gather backward (an all-to-all into ``empty_like`` buffers) returns a
+    strided gradient, such as that of a transposed view of the gathered batch, scrambled
+    (torch 2.14; tests/test_pairwise_affinity.py)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` of every process concatenated along dim 0 (rank order); gradients flow
     back to each process's own part. The identity without a process group."""
@@ -94,4 +109,4 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    return _ContiguousGrad.apply(torch.cat(all_gather(tensor.contiguous()), dim=0))

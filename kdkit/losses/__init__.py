@@ -4,6 +4,12 @@ registry from name to module class (:func:`register_loss`, :func:`build_loss`)."
 
 from __future__ import annotations
 
+from kdkit.losses.affinity import (
+    CrossImageAffinityLoss,
+    PairwiseAffinityLoss,
+    cross_image_affinity_loss,
+    pairwise_affinity_loss,
+)
 from kdkit.losses.attention import AttentionTransferLoss, attention_map, attention_transfer_loss
 from kdkit.losses.cwd import CWDLoss, cwd_loss
 from kdkit.losses.dist import DISTLoss, dist_loss, pearson
@@ -37,6 +43,7 @@ __all__ = [
     "attention_transfer_loss",
     "batch_similarity_loss",
     "channel_similarity_loss",
+    "cross_image_affinity_loss",
     "cwd_loss",
     "dist_loss",
     "fitnet_loss",
@@ -49,12 +56,14 @@ __all__ = [
     "ofd_layer_weights",
     "ofd_loss",
     "ofd_margin",
+    "pairwise_affinity_loss",
     "pearson",
     "spatial_similarity_loss",
     "spatial_channel_similarity_loss",
     "AttentionTransferLoss",
     "BatchSimilarityLoss",
     "ChannelSimilarityLoss",
+    "CrossImageAffinityLoss",
     "CWDLoss",
     "DISTLoss",
     "FitNetLoss",
@@ -62,6 +71,7 @@ __all__ = [
     "HintonKDLoss",
     "MGDLoss",
     "OFDLoss",
+    "PairwiseAffinityLoss",
     "SpatialSimilarityLoss",
     "SpatialChannelSimilarityLoss",
 ]
