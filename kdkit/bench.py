@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import functools
 import math
 import platform
 import statistics
@@ -22,7 +23,12 @@ from pathlib import Path
 import torch
 
 from kdkit import kernels
-from kdkit.losses import spatial_channel_similarity_loss, spatial_similarity_loss
+from kdkit.losses import (
+    cross_image_affinity_loss,
+    pairwise_affinity_loss,
+    spatial_channel_similarity_loss,
+    spatial_similarity_loss,
+)
 from kdkit.provenance import provenance_line
 
 __all__ = ["Case", "Result", "paper_cases", "measure_ceilings", "median_ms", "run_benchmarks",
@@ -30,6 +36,16 @@ __all__ = ["Case", "Result", "paper_cases", "measure_ceilings", "median_ms", "ru
 
 # the papers' conv2..conv5 after pooling: (stride, student channels, teacher channels)
 PAPER_LAYERS = ((4, 64, 128), (8, 128, 256), (16, 256, 512), (32, 256, 512))
+AUTHORS_POOL = 0.5  # Liu et al.'s pool_scale: the pair-wise map after max-pooling to 2×2
+
+# Case.loss → the loss function (student, teacher, backend=, accumulate=)
+LOSSES = {
+    "spatial": spatial_similarity_loss,
+    "spatial+channel": spatial_channel_similarity_loss,
+    "pairwise": pairwise_affinity_loss,
+    "pairwise pooled": functools.partial(pairwise_affinity_loss, pool=AUTHORS_POOL),
+    "cross-image": cross_image_affinity_loss,
+}
 
 
 @dataclass(frozen=True)
@@ -37,8 +53,18 @@ class Case:
     """One benchmark: a loss over one or more layers ``(B, Cs, Ct, N)``."""
 
     name: str
-    loss: str  # "spatial" or "spatial+channel"
+    loss: str  # a key of LOSSES
     layers: tuple[tuple[int, int, int, int], ...]
+
+    def map_layers(self) -> tuple[tuple[int, int, int, int], ...]:
+        """The layers as the similarity map sees them: the cross-image map is one image of
+        ``B·N`` positions; the authors' pooling leaves 2×2 positions (square maps of even
+        side)."""
+        if self.loss == "cross-image":
+            return tuple((1, cs, ct, b * n) for b, cs, ct, n in self.layers)
+        if self.loss == "pairwise pooled":
+            return tuple((b, cs, ct, 4) for b, cs, ct, _ in self.layers)
+        return self.layers
 
     def elements(self) -> int:
         return sum(b * (cs + ct) * n for b, cs, ct, n in self.layers)
@@ -53,7 +79,7 @@ class Case:
         ``N²·Cs``) for the spatial part; the channel part adds ``N·(Ct² + Cs²)/2`` and
         ``N·Cs²``."""
         total = 0
-        for b, cs, ct, n in self.layers:
+        for b, cs, ct, n in self.map_layers():
             grams = n * (ct * ct / 2 + cs * cs / 2 + ct * cs) + (n * cs * (cs + ct) if backward
                                                                  else 0)
             maps = n * n * (cs + ct) / 2 + (n * n * cs if backward else 0)
@@ -65,7 +91,7 @@ class Case:
 
     def reference_bytes(self) -> int:
         """Memory the materialised maps need: ~6 float32 ``N×N`` maps per image with grad."""
-        return sum(6 * 4 * b * n * n for b, _, _, n in self.layers)
+        return sum(6 * 4 * b * n * n for b, _, _, n in self.map_layers())
 
 
 @dataclass
@@ -90,11 +116,15 @@ class Result:
 def paper_cases(batch: int) -> list[Case]:
     """The papers' setting at 320², and 640² and 1024² crops: spatial at conv2 (student
     channels, the N×N map's worst case), and spatial+channel over conv2..conv5 with the
-    student adapted to teacher channels."""
+    student adapted to teacher channels; at conv2 also the pair-wise affinity (the spatial
+    map under another name), the pair-wise map after the authors' pooling, and the
+    cross-image map."""
     cases = []
     for crop in (320, 640, 1024):
-        n2 = (crop // 4) ** 2
-        cases.append(Case(f"{crop}² conv2 spatial", "spatial", ((batch, 64, 128, n2),)))
+        conv2 = ((batch, 64, 128, (crop // 4) ** 2),)
+        cases.append(Case(f"{crop}² conv2 spatial", "spatial", conv2))
+        for loss in ("pairwise", "pairwise pooled", "cross-image"):
+            cases.append(Case(f"{crop}² conv2 {loss}", loss, conv2))
         layers = tuple((batch, ct, ct, (crop // stride) ** 2) for stride, _, ct in PAPER_LAYERS)
         cases.append(Case(f"{crop}² conv2-5 spatial+channel", "spatial+channel", layers))
     return cases
@@ -226,9 +256,7 @@ def _inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int):
 
 
 def _loss_fn(case: Case, pairs, backend: str, accumulate: str):
-    function = spatial_similarity_loss if case.loss == "spatial" else (
-        spatial_channel_similarity_loss
-    )
+    function = LOSSES[case.loss]
 
     def forward():
         return sum(function(s, t, backend=backend, accumulate=accumulate) for s, t in pairs)

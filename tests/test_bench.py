@@ -47,7 +47,7 @@ def test_a_failing_backend_is_a_row_not_a_crash(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("PassManager::run failed\nmore detail")
 
-    monkeypatch.setattr(bench, "spatial_similarity_loss", broken)
+    monkeypatch.setitem(bench.LOSSES, "spatial", broken)
     case = bench.Case("small", "spatial", ((1, 4, 8, 64),))
     ceilings = {"copy_gb_s": 10.0, "matmul_fp32_gflop_s": 100.0, "matmul_fp64_gflop_s": 50.0}
     result = bench.run_case(case, "factored", "fp64", torch.device("cpu"), ceilings, 1)
@@ -67,6 +67,9 @@ def test_bench_command_writes_table_and_csv(tmp_path, capsys):
         rows = list(csv.DictReader(handle))
     assert [(r["case"], r["backend"]) for r in rows] == [
         ("320² conv2 spatial", "reference"), ("320² conv2 spatial", "factored"),
+        ("320² conv2 pairwise", "reference"), ("320² conv2 pairwise", "factored"),
+        ("320² conv2 pairwise pooled", "reference"), ("320² conv2 pairwise pooled", "factored"),
+        ("320² conv2 cross-image", "reference"), ("320² conv2 cross-image", "factored"),
         ("320² conv2-5 spatial+channel", "reference"),
         ("320² conv2-5 spatial+channel", "factored"),
     ]
