@@ -3,17 +3,20 @@
 A :class:`~kdkit.errors.KdkitError` (a bad config, data, checkpoint or run folder; a run
 that failed) prints one line, ``kdkit COMMAND: message``, on stderr and exits with
 :data:`EXIT_BAD_INPUT` (2, as argparse's usage errors) or :data:`EXIT_RUN_FAILED` (1, for
-:data:`RUN_FAILURES`); ``--debug`` shows its traceback instead. Any other exception is a
-bug and keeps its traceback.
+:data:`RUN_FAILURES`); ``--debug`` shows its traceback instead. A run stopped by a signal
+(:class:`~kdkit.errors.Interrupted`: checkpointed, nothing lost) prints the command that
+resumes it and exits with ``128 + signal`` (143 for SIGTERM, 130 for Ctrl-C, 138 for
+SIGUSR1). Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
-from kdkit.errors import ConfigError, KdkitError, KernelFailure, NonFiniteLossError
+from kdkit.errors import ConfigError, Interrupted, KdkitError, KernelFailure, NonFiniteLossError
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -325,12 +328,24 @@ def _command_name(args: argparse.Namespace) -> str:
     return " ".join(["kdkit", *filter(None, words)])
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that continues an interrupted ``kdkit`` call: the same arguments without
+    ``--no-resume`` (which would start over)."""
+    return shlex.join(["kdkit", *(a for a in argv if a != "--no-resume")])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
         return args.run(args)
+    except Interrupted as error:
+        if args.debug:
+            raise
+        print(f"{_command_name(args)}: {error}; resume with: {resume_command(argv)}",
+              file=sys.stderr)
+        return 128 + error.signal
     except KdkitError as error:
         if args.debug:
             raise

@@ -28,7 +28,7 @@ from kdkit.checkpoint import save_atomic
 from kdkit.config import RunConfig, from_mapping, load_yaml, run_config_from_mapping
 from kdkit.dcp import prune_run
 from kdkit.distributed import World, end_world, setup_world
-from kdkit.errors import ConfigError
+from kdkit.errors import ConfigError, Interrupted
 from kdkit.evaluation_cache import (
     evaluate_cached,
     evaluate_training_free,
@@ -60,6 +60,7 @@ from kdkit.training.budget import (
 )
 from kdkit.training.folder import RunFolder, resume_problems
 from kdkit.training.lockstep import alone_reason, lockstep_chunks, train_lockstep
+from kdkit.training.stop import REQUEST, signal_name, stop_signals
 
 __all__ = ["CompareConfig", "evaluation_key", "is_training_free", "load_compare_config",
            "method_runs", "needs_teacher", "run_compare", "training_free_rows"]
@@ -326,6 +327,13 @@ def _unfinished(runs: list, jobs: dict, task: Task, progress: bool) -> list[tupl
     return todo
 
 
+def _stop_between_runs() -> None:
+    """Raise :class:`Interrupted` when a stop signal came after the last run finished."""
+    if REQUEST.signal is not None:
+        raise Interrupted(f"stopped by {signal_name(REQUEST.signal)} between two runs; every "
+                          "finished run is kept", REQUEST.signal)
+
+
 def _train_missing(config: CompareConfig, task: Task, runs: list, jobs: dict,
                    progress: bool) -> None:
     """Train the teacher (when trained here) and every run that has not finished, seed by
@@ -342,6 +350,7 @@ def _train_missing(config: CompareConfig, task: Task, runs: list, jobs: dict,
         todo = _unfinished([r for r in runs if r[1] == seed], jobs, task, progress)
         labels = {run.out_dir: label for label, run in todo}
         for number, chunk in enumerate(_chunks(config, task, [run for _, run in todo]), 1):
+            _stop_between_runs()
             names = ", ".join(labels[run.out_dir] for run in chunk)
             if len(chunk) == 1:
                 if progress:
@@ -541,7 +550,8 @@ def run_compare(config: CompareConfig, task: Task, w2_values: list[float] | None
     _check_report_metrics(config, task, runs[0][2])
     training_free_rows(config, task)  # an unknown name costs seconds, not the training
     plan, runs, jobs = _budget(config, task, w2_values, runs, jobs, progress)
-    _train_missing(config, task, runs, jobs, progress)
+    with stop_signals():  # a signal stops the run in flight, checkpointed (kdkit.training.stop)
+        _train_missing(config, task, runs, jobs, progress)
     first = runs[0][2]
     device = resolve_device(first.train.device)
     _, eval_set = task.datasets(first.data)

@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "FeatureError",
+    "Interrupted",
     "KernelFailure",
     "MissingFileError",
     "NonFiniteLossError",
@@ -56,3 +57,14 @@ class NonFiniteLossError(KdkitError, FloatingPointError):
 
 class KernelFailure(KdkitError, RuntimeError):
     """A Triton similarity kernel failed to compile or run; the message says what to use."""
+
+
+class Interrupted(KdkitError):
+    """Training stopped on a signal (SIGTERM, SIGINT, SIGUSR1) after finishing its step and
+    saving a checkpoint: nothing is lost, and the same command resumes. ``signal``: the
+    signal's number; the command line exits with ``128 + signal`` (143 for SIGTERM, 130 for
+    SIGINT, 138 for SIGUSR1), as a shell reports a process the signal ended."""
+
+    def __init__(self, message: str, signal: int):
+        super().__init__(message)
+        self.signal = signal

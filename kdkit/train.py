@@ -1,6 +1,7 @@
 """A task-agnostic training loop: optional distillation, mixed precision, gradient
 clipping, multi-process data parallelism (``torchrun``), atomic checksummed checkpoints,
-bit-exact resume, non-finite loss handling, progress and metric logging.
+bit-exact resume, non-finite loss handling, progress and metric logging, and a graceful
+stop on a scheduler's signals (:mod:`kdkit.training.stop`).
 
 A run writes into ``out_dir``: ``checkpoint.pt`` (model, distiller adapters, optimizer,
 schedule, scaler, step, every process's random state; replaced atomically), ``model.pt``
@@ -27,6 +28,7 @@ from kdkit.training.run import build_model, resolve_device
 from kdkit.training.runlog import LOG, read_log
 from kdkit.training.session import Session, open_session
 from kdkit.training.step import train_step
+from kdkit.training.stop import stop_signals
 
 __all__ = [
     "CHECKPOINT",
@@ -51,7 +53,7 @@ def train(run: RunConfig, task: Task, resume: bool = True, progress: bool = True
     world = setup_world(resolve_device(run.train.device))
     folder = RunFolder(Path(run.out_dir), world.is_main)
     try:
-        with folder.claimed():
+        with stop_signals(), folder.claimed():
             return _train(run, task, folder, resume, progress and world.is_main, world)
     finally:
         end_world(world)
@@ -75,7 +77,8 @@ def _train(config: RunConfig, task: Task, folder: RunFolder, resume: bool, progr
 
 
 def _loop(session: Session) -> None:
-    """Step the session's run to ``train.steps``, its bookkeeping after each step."""
+    """Step the session's run to ``train.steps``, its bookkeeping after each step; on a stop
+    signal, checkpoint and raise :class:`~kdkit.errors.Interrupted` after the step."""
     run, steps = session.run, session.run.settings.steps
     batches = run.data.batches(run.step)
     session.begin()
@@ -88,3 +91,6 @@ def _loop(session: Session) -> None:
             if record is not None:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()
                                  if k not in ("kind", "step")}, refresh=False)
+            signal = None if run.finished else session.stop_signal()
+            if signal is not None:
+                raise session.interrupt(signal)

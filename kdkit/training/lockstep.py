@@ -33,6 +33,7 @@ from tqdm import tqdm
 from kdkit.config import RunConfig
 from kdkit.distiller import TeacherPass, record_teacher, shared_teacher_recorder
 from kdkit.distributed import World, end_world, setup_world
+from kdkit.errors import Interrupted
 from kdkit.task import Task
 from kdkit.training.batch import cudnn_benchmark
 from kdkit.training.folder import RunFolder
@@ -47,6 +48,7 @@ from kdkit.training.run import (
 )
 from kdkit.training.session import Session, open_session
 from kdkit.training.step import StepResult, train_step
+from kdkit.training.stop import stop_signals
 
 __all__ = ["HEADROOM", "Lockstep", "alone_reason", "group_size", "lockstep_groups",
            "lockstep_chunks", "lockstep_key", "measured_group_size", "row_key",
@@ -161,7 +163,8 @@ class Lockstep:
 
 def _loop(sessions: list[Session], teacher: nn.Module | None, progress: bool) -> None:
     """Step every session to its ``train.steps`` on one data stream, from the earliest
-    session's step; a session steps on the batches from its own step on."""
+    session's step; a session steps on the batches from its own step on. On a stop signal,
+    every session checkpoints after the step and :class:`Interrupted` is raised."""
     runs = [s.run for s in sessions]
     start, end = min(r.step for r in runs), max(r.settings.steps for r in runs)
     batches = runs[0].data.batches(start)
@@ -177,6 +180,17 @@ def _loop(sessions: list[Session], teacher: nn.Module | None, progress: bool) ->
             due = [s for s in sessions if s.run.step == step and not s.run.finished]
             for session, result in zip(due, group.step([s.run for s in due], batch)):
                 session.after_step(result)
+            signal = sessions[0].stop_signal()
+            if signal is not None and step + 1 < end:
+                _interrupt(sessions, signal)
+
+
+def _interrupt(sessions: list[Session], signal: int) -> None:
+    """Checkpoint every session (see :meth:`Session.interrupt`; one that reached its steps
+    in this loop has not written its final state yet) and raise one :class:`Interrupted`
+    that names them."""
+    stopped = [s.interrupt(signal) for s in sessions]
+    raise Interrupted("; ".join(str(error) for error in stopped), signal)
 
 
 def lockstep_chunks(configs: Sequence[RunConfig], task: Task,
@@ -213,6 +227,7 @@ def train_lockstep(configs: Sequence[RunConfig], task: Task, resume: bool = True
     world = setup_world(resolve_device(configs[0].train.device))
     try:
         with ExitStack() as stack:
+            stack.enter_context(stop_signals())
             teacher, data = shared_parts(configs, task, world)
             sessions = []
             for config in configs:

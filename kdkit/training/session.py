@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from kdkit.config import RunConfig
 from kdkit.distributed import World
+from kdkit.errors import Interrupted
 from kdkit.task import Task
 from kdkit.training.evaluation import evaluate
 from kdkit.training.folder import RunFolder
@@ -22,6 +23,7 @@ from kdkit.training.run import Run, TrainingData, build_run
 from kdkit.training.runlog import Pace, RunLog, open_run_log, read_log
 from kdkit.training.state import restore_state, save_checkpoint, save_weights
 from kdkit.training.step import StepResult, check_finite
+from kdkit.training.stop import signal_name, stop_requested
 
 __all__ = ["Session", "open_session"]
 
@@ -78,6 +80,27 @@ class Session:
                 tqdm.write(f"step {run.step}: " + ", ".join(f"{k} {v:.4g}"
                                                              for k, v in metrics.items()))
         return record
+
+    def stop_signal(self) -> int | None:
+        """The stop signal received (:mod:`kdkit.training.stop`), read after a step; under
+        DDP all-reduced where the loop reads the device anyway (every step on the CPU,
+        every ``log_every`` steps on CUDA), so every process stops at the same step."""
+        run = self.run
+        if run.world.distributed and run.skips_on_device and \
+                run.step % run.settings.log_every:
+            return None
+        return stop_requested(run.world)
+
+    def interrupt(self, signal: int) -> Interrupted:
+        """Stop here: read the unchecked steps, save the checkpoint, log ``kind:
+        interrupted``; returns the error for the loop to raise."""
+        run = self.run
+        self._check_finite()
+        save_checkpoint(run, self.folder.checkpoint)
+        self.log.write({"kind": "interrupted", "step": run.step, "signal": signal_name(signal)})
+        return Interrupted(f"stopped by {signal_name(signal)} at step {run.step} of "
+                           f"{run.settings.steps}; checkpoint saved in {self.folder.path}",
+                           signal)
 
     def _check_finite(self) -> list[tuple[int, list[str]]]:
         """:func:`check_finite`, each skipped step logged (and printed)."""
