@@ -150,3 +150,69 @@ def test_a_lockstep_group_checkpoints_every_row_and_resumes_to_the_same_weights(
     for done, reference in zip(rows, whole):
         for name, value in _weights(Path(reference.out_dir)).items():
             assert torch.equal(_weights(Path(done.out_dir))[name], value), name
+
+
+def _worker_of_rank(parent: int, rank: int) -> int:
+    """The pid of ``torchrun``'s (``parent``'s) worker process with ``RANK=rank``."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            try:
+                stat = (entry / "stat").read_text()
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent and \
+                    f"RANK={rank}".encode() in environ:
+                return int(entry.name)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of rank {rank} under {parent}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds workers in /proc")
+def test_under_torchrun_a_signal_to_one_process_stops_every_process_at_one_step(tmp_path):
+    """SIGUSR1 to rank 1 alone (rank 0 writes the log): both processes stop at the same step
+    (else the checkpoint's gathering collective would hang), and the run resumes to the
+    uninterrupted run's weights."""
+    def config(name: str) -> Path:
+        run = toy_run(tmp_path / name, steps=STEPS, batch_size=2, schedule="constant",
+                      checkpoint_every=10_000)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**run, "task": "dropout_task:DropoutTask"}))
+        return path
+
+    started = []
+
+    def torchrun(path: Path) -> subprocess.Popen:
+        started.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=2", "-m", "kdkit", "train", str(path), "--quiet"],
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True))
+        return started[-1]
+
+    try:
+        _stop_one_process_of_two(tmp_path, config, torchrun)
+    finally:  # processes stopped at different steps would wait in a collective for ever
+        for process in started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def _stop_one_process_of_two(tmp_path: Path, config, torchrun) -> None:
+    whole = torchrun(config("whole"))
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-3000:]
+    process = torchrun(config("stopped"))
+    out = tmp_path / "stopped"
+    _wait_for_step(out, 20, process)
+    os.kill(_worker_of_rank(process.pid, 1), signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    [interrupted] = read_log(out, "interrupted")
+    assert interrupted["signal"] == "SIGUSR1" and 20 <= interrupted["step"] < STEPS
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == interrupted["step"]
+    resumed = torchrun(config("stopped"))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    reference = _weights(tmp_path / "whole")
+    for name, value in _weights(out).items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6)
