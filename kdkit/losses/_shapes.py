@@ -29,3 +29,18 @@ def require_match(
             f"{loss}: student and teacher must have the same {what}; found student "
             f"{_dims(student)} and teacher {_dims(teacher)}. {fix}"
         )
+
+
+def require_positive_temperature(loss: str, temperature: float) -> None:
+    """A softmax temperature must be positive."""
+    if temperature <= 0:
+        raise ConfigError(f"{loss}: temperature must be positive, got {temperature}")
+
+
+def require_logits(loss: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
+    """Class logits ``B×K`` or ``B×K×H×W``, the same shape for student and teacher."""
+    require_min_dims(loss, student, "student logits", 2, "B×K or B×K×H×W")
+    require_match(
+        loss, "logit shape", student, teacher, slice(None),
+        "Both models must predict the same classes at the same resolution.",
+    )

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdkit.errors import ConfigError
-from kdkit.losses._shapes import require_match, require_min_dims
+from kdkit.losses._shapes import require_match, require_min_dims, require_positive_temperature
 from kdkit.losses.protocol import DistillationLoss
 from kdkit.losses.registry import register_loss
 
@@ -20,8 +19,7 @@ def cwd_loss(
     """``B×C×H×W`` twice → scalar: ``τ²/(B·C) · Σ_{b,c} KL(softmax(Ft_bc/τ) ‖
     softmax(Fs_bc/τ))``, each softmax over the ``H·W`` positions of one channel."""
     name = "cwd_loss"
-    if temperature <= 0:
-        raise ConfigError(f"{name}: temperature must be positive, got {temperature}")
+    require_positive_temperature(name, temperature)
     require_min_dims(name, student, "student", 3, "B×C×H×W")
     require_match(
         name, "shape", student, teacher, slice(None),

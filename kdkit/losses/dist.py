@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kdkit.errors import ConfigError
-from kdkit.losses._shapes import require_match, require_min_dims
+from kdkit.losses._shapes import require_logits, require_positive_temperature
 from kdkit.losses.protocol import DistillationLoss
 from kdkit.losses.registry import register_loss
 
@@ -34,13 +34,8 @@ def dist_loss(
     ``τ²·(β·(1 − mean_i ρ(Ys_i, Yt_i)) + γ·(1 − mean_k ρ(Ys_·k, Yt_·k)))`` with
     ``Y = softmax(z/τ)`` over the ``K ≥ 2`` classes, rows ``i`` the samples."""
     name = "dist_loss"
-    if temperature <= 0:
-        raise ConfigError(f"{name}: temperature must be positive, got {temperature}")
-    require_min_dims(name, student_logits, "student logits", 2, "B×K or B×K×H×W")
-    require_match(
-        name, "logit shape", student_logits, teacher_logits, slice(None),
-        "Both models must predict the same classes at the same resolution.",
-    )
+    require_positive_temperature(name, temperature)
+    require_logits(name, student_logits, teacher_logits)
     if student_logits.shape[1] < 2:
         raise ConfigError(
             f"{name}: DIST needs class logits (K ≥ 2 on dim 1), found K = "

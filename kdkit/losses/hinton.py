@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdkit.errors import ConfigError
-from kdkit.losses._shapes import require_match, require_min_dims
+from kdkit.losses._shapes import require_logits, require_positive_temperature
 from kdkit.losses.protocol import DistillationLoss
 from kdkit.losses.registry import register_loss
 
@@ -19,13 +18,8 @@ def hinton_kd_loss(
     """``KL(softmax(zt/T) ‖ softmax(zs/T))·T²``: classes on dim 1, summed over classes and
     averaged over samples (and pixels). ``B×K`` or ``B×K×H×W`` → scalar."""
     name = "hinton_kd_loss"
-    if temperature <= 0:
-        raise ConfigError(f"{name}: temperature must be positive, got {temperature}")
-    require_min_dims(name, student_logits, "student logits", 2, "B×K or B×K×H×W")
-    require_match(
-        name, "logit shape", student_logits, teacher_logits, slice(None),
-        "Both models must predict the same classes at the same resolution.",
-    )
+    require_positive_temperature(name, temperature)
+    require_logits(name, student_logits, teacher_logits)
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
