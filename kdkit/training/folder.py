@@ -1,5 +1,5 @@
-"""The run folder: its files, whether a config may resume it, starting over, and no
-half-made folder after a failure.
+"""The run folder: its files, whether a config may resume it, starting over, its claim by
+the one process training it, and no half-made folder after a failure.
 
 A folder holds a resumable run when it has ``checkpoint.pt``. Running a config into it
 resumes only when the config equals the folder's ``config.yaml`` except for
@@ -16,8 +16,9 @@ deleted first, other files are left alone.
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import yaml
 from kdkit.checkpoint import load_checkpoint
 from kdkit.config import ConfigError, RunConfig, load_yaml, run_config_from_mapping
 from kdkit.errors import RunFolderError
+from kdkit.training.claim import claim, describe
 from kdkit.training.runlog import remove_logs
 
 __all__ = ["CHECKPOINT", "CONFIG", "SAFE_TO_CHANGE", "WEIGHTS", "RunFolder", "config_changes",
@@ -144,14 +146,21 @@ class RunFolder:
 
     @contextmanager
     def claimed(self) -> Iterator[None]:
-        """Create the folder for the block; if the block fails before any checkpoint was
-        written into a folder it created, remove the folder again."""
+        """Create the folder and hold its claim for the block (:mod:`kdkit.training.claim`:
+        a folder another live process trains is a :class:`RunFolderError`); if the block
+        fails before any checkpoint was written into a folder it created, remove the folder
+        again."""
         created = self.writes and not self.path.exists()
         if self.writes:
             self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            yield
-        except BaseException:
-            if created and not self.checkpoint.exists():
-                shutil.rmtree(self.path, ignore_errors=True)
-            raise
+        with claim(self.path) if self.writes else nullcontext() as stale:
+            if stale:
+                print(f"{self.path}: taking over the claim of {describe(stale)}, which "
+                      "ended without letting go (it was killed or its node was lost)",
+                      file=sys.stderr)
+            try:
+                yield
+            except BaseException:
+                if created and not self.checkpoint.exists():
+                    shutil.rmtree(self.path, ignore_errors=True)
+                raise
