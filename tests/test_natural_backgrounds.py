@@ -107,7 +107,7 @@ def test_folder_errors_name_the_path(tmp_path):
         SyntheticMatting("train", 2, 48, backgrounds=str(one))
     bad = _photos(tmp_path / "bad", 2)
     (bad / "p1.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="p1.png.*not a readable"):
+    with pytest.raises(DataError, match="p1.png.*expected a readable PNG or JPEG"):
         synthesize(0, 48, backgrounds=str(bad))
 
 

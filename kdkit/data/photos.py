@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kdkit.data.images import read_image
 from kdkit.errors import DataError
 
 __all__ = [
@@ -115,15 +116,12 @@ def photo_sources(backgrounds: str, split: str) -> tuple[tuple[str, str], ...]:
 def photo_pyramid(path: str) -> tuple[np.ndarray, ...]:
     """The photo at ``path`` as read-only ``H×W×3`` uint8 RGB (long side at most
     :data:`MAX_SIDE`), then halvings of it down to a short side of 32 or more pixels."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise DataError(f"cannot read the photo {path} (not a readable JPEG or PNG); remove or "
-                        "convert it")
+    image = read_image(path)
     scale = MAX_SIDE / max(image.shape[:2])
     if scale < 1:
         size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    levels = [cv2.cvtColor(image, cv2.COLOR_BGR2RGB)]
+    levels = [image]
     while min(levels[-1].shape[:2]) >= 2 * _MIN_LEVEL_SIDE:
         h, w = levels[-1].shape[:2]
         levels.append(cv2.resize(levels[-1], (w // 2, h // 2), interpolation=cv2.INTER_AREA))
