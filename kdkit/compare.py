@@ -30,9 +30,11 @@ from kdkit.dcp import prune_run
 from kdkit.distributed import World, end_world, setup_world
 from kdkit.errors import ConfigError, Interrupted
 from kdkit.evaluation_cache import (
+    TRAINING_FREE,
     evaluate_cached,
     evaluate_training_free,
     evaluation_key,
+    is_training_free,
     training_free_method,
 )
 from kdkit.report import (
@@ -64,6 +66,7 @@ from kdkit.training.stop import REQUEST, signal_name, stop_signals
 
 __all__ = ["CompareConfig", "evaluation_key", "is_training_free", "load_compare_config",
            "method_runs", "needs_teacher", "run_compare", "training_free_rows"]
+
 
 @dataclass
 class CompareConfig:
@@ -119,14 +122,6 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
     if config.budget is not None:
         parse_duration(config.budget)
     return config
-
-
-TRAINING_FREE = "training_free"  # a method ``{training_free: <name>}``: the task's own
-
-
-def is_training_free(spec: dict | None) -> bool:
-    """Whether a method's spec names one of the task's training-free methods."""
-    return TRAINING_FREE in (spec or {})
 
 
 def _check_training_free_specs(config: CompareConfig, path: Path) -> None:
@@ -389,14 +384,14 @@ def _evaluate_all(config: CompareConfig, task: Task, runs: list, device,
     results = [ModelResult(
         "teacher", 0, teacher_spec,
         evaluate_cached(task, teacher_spec, teacher_checkpoint(config), first, first.data,
-                         device, eval_set, Path(config.out_dir) / "teacher_per_image.json"),
+                        device, eval_set, Path(config.out_dir) / "teacher_per_image.json"),
         None if teacher is None else Path(teacher.out_dir), teacher=True)]
     for label, seed, run in runs:
         run_dir = Path(run.out_dir)
         results.append(ModelResult(
             label, seed, run.model,
             evaluate_cached(task, run.model, run_dir / WEIGHTS, run, first.data, device,
-                             eval_set, run_dir / "per_image.json"),
+                            eval_set, run_dir / "per_image.json"),
             run_dir))
     return results + _evaluate_training_free(config, task, first, device, eval_set)
 

@@ -23,14 +23,31 @@ from kdkit.errors import ConfigError
 from kdkit.task import Task
 from kdkit.train import build_model, metric_values, test_batches
 
-__all__ = ["METRICS_VERSION", "evaluate_cached", "evaluate_training_free", "evaluation_key",
-           "file_digest", "per_image_metrics", "training_free_methods"]
+__all__ = ["METRICS_VERSION", "TRAINING_FREE", "evaluate_cached", "evaluate_training_free",
+           "evaluation_key", "file_digest", "is_training_free", "model_predictor",
+           "per_image_metrics", "training_free_method", "training_free_methods"]
 
 # Bump when kdkit's per-image evaluation changes (a task bumps its own ``metrics_version``):
 # it is part of every cached evaluation's key, so the caches are recomputed.
 METRICS_VERSION = 1
 
 Predict = Callable[[Any], Any]  # a batch of one test image → a prediction the metrics take
+
+#: A method or result spec ``{training_free: <name>}`` names one of the task's
+#: training-free methods (:meth:`kdkit.task.Task.training_free`).
+TRAINING_FREE = "training_free"
+
+
+def is_training_free(spec: dict | None) -> bool:
+    """Whether a method's (or a result's model) spec names a training-free method."""
+    return TRAINING_FREE in (spec or {})
+
+
+def model_predictor(task: Task, spec: dict, weights: str | Path, device) -> Predict:
+    """A batch → the prediction of the model ``spec`` loaded with ``weights``, in eval mode
+    on ``device``."""
+    model = load_weights(build_model(task, spec), weights).to(device).eval()
+    return lambda batch: model(*task.model_inputs(batch))
 
 
 @torch.no_grad()
@@ -89,8 +106,7 @@ def evaluate_cached(task: Task, model_spec: dict, weights: str | Path, run, data
     key = evaluation_key(task, model_spec, weights, data, run.metrics)
     if (stored := _cached(cache, key)) is not None:
         return stored["per_image"]
-    model = load_weights(build_model(task, model_spec), weights).to(device).eval()
-    values = per_image_metrics(task, lambda batch: model(*task.model_inputs(batch)),
+    values = per_image_metrics(task, model_predictor(task, model_spec, weights, device),
                                eval_set, run, device)
     cache.write_text(json.dumps({"key": key, "per_image": values}))
     return values
@@ -130,7 +146,7 @@ def evaluate_training_free(task: Task, name: str, run, data: dict, device, eval_
     them under the same key (the method's name and ``version`` attribute, ``data:``,
     ``metrics:``, the metric versions), else computed, timed and written there."""
     predict = training_free_method(task, name, "methods")
-    made_of = {"training_free": name, "version": getattr(predict, "version", None)}
+    made_of = {TRAINING_FREE: name, "version": getattr(predict, "version", None)}
     key = _key(task, made_of, data, run.metrics)
     if (stored := _cached(cache, key)) is not None:
         return stored["per_image"], stored["seconds_per_image"]

@@ -29,6 +29,7 @@ import torch
 
 from kdkit.config import from_mapping
 from kdkit.errors import ConfigError, DataError
+from kdkit.evaluation_cache import is_training_free
 from kdkit.export import cpu_latency_ms
 from kdkit.provenance import provenance, provenance_line
 from kdkit.pruning import count_parameters_and_flops
@@ -61,7 +62,7 @@ class ModelResult:
 
     @property
     def training_free(self) -> bool:
-        return "training_free" in self.model_spec
+        return is_training_free(self.model_spec)
 
     def mean(self, metric: str) -> float:
         return statistics.fmean(image[metric] for image in self.per_image)

@@ -16,8 +16,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from kdkit.checkpoint import load_weights  # noqa: E402
-from kdkit.evaluation_cache import Predict, training_free_methods  # noqa: E402
+from kdkit.evaluation_cache import (  # noqa: E402
+    TRAINING_FREE,
+    Predict,
+    model_predictor,
+    training_free_methods,
+)
 from kdkit.report import (  # noqa: E402
     CURVES,
     CompareReport,
@@ -27,7 +31,7 @@ from kdkit.report import (  # noqa: E402
     training_curves,
     verdicts,
 )
-from kdkit.train import WEIGHTS, build_model, test_batches  # noqa: E402
+from kdkit.train import WEIGHTS, test_batches  # noqa: E402
 from kdkit.training.runlog import tensorboard_writer  # noqa: E402
 
 __all__ = ["figure_bars", "figure_curves", "figure_examples", "figures_to_tensorboard",
@@ -109,12 +113,6 @@ def figure_examples(path: Path, task, shown: dict[str, Predict], eval_set, devic
     _save(fig, path)
 
 
-def _network(task, spec: dict, weights: str | Path, device) -> Predict:
-    """A batch → the prediction of the model ``spec`` with ``weights``."""
-    model = load_weights(build_model(task, spec), weights).to(device).eval()
-    return lambda batch: model(*task.model_inputs(batch))
-
-
 def shown_predictions(report: CompareReport, results: list[ModelResult], task,
                       teacher_weights: str, device) -> dict[str, Predict]:
     """The examples' predictions: the teacher, the baseline, the best other trained student
@@ -125,18 +123,18 @@ def shown_predictions(report: CompareReport, results: list[ModelResult], task,
     students = [n for n in means if n not in ("teacher", baseline)]
     pick = min if s.better == "lower" else max
     teacher = next(r for r in results if r.teacher)
-    shown = {"teacher": _network(task, teacher.model_spec, teacher_weights, device)}
+    shown = {"teacher": model_predictor(task, teacher.model_spec, teacher_weights, device)}
     labels = [(baseline, baseline)]
     if students:
         best = pick(students, key=means.__getitem__)
         labels.append((f"{best} (best)", best))
     for label, name in labels:
         result = next(r for r in results if r.name == name)
-        shown[label] = _network(task, result.model_spec, result.run_dir / WEIGHTS, device)
+        shown[label] = model_predictor(task, result.model_spec, result.run_dir / WEIGHTS, device)
     methods = training_free_methods(task)
     for name in dict.fromkeys(r.name for r in results if r.training_free):
         result = next(r for r in results if r.name == name)
-        shown[name] = methods[result.model_spec["training_free"]]
+        shown[name] = methods[result.model_spec[TRAINING_FREE]]
     return shown
 
 
