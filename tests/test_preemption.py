@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from test_lockstep import toy_rows
-from test_reliability import ENV, toy_run
+from test_reliability import ENV, _weights, toy_run
 
 from kdkit.checkpoint import load_checkpoint
 from kdkit.cli import resume_command
@@ -52,10 +52,6 @@ def _wait_for_step(out: Path, step: int, process: subprocess.Popen) -> None:
         assert process.poll() is None, process.stderr.read()
         assert time.monotonic() < deadline
         time.sleep(0.01)
-
-
-def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(out / "model.pt")["model"]
 
 
 @pytest.fixture(scope="module")
