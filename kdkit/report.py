@@ -165,7 +165,7 @@ class SeedRow:
 @dataclass
 class MethodRow:
     """One method over its seeds: a row of the table. ``delta`` is (mean, low, high) of
-    method − baseline on the primary metric, None for the teacher and the baseline."""
+    method − baseline on the primary metric, None for the baseline."""
 
     method: str
     metrics: dict[str, Stat]
@@ -284,15 +284,14 @@ def _spec_key(spec: dict) -> str:
 
 
 def _paired(results: list[ModelResult], baseline: str, metric: str) -> dict[str, np.ndarray]:
-    """Per-image (method − baseline) differences, averaged over the seeds both share.
-    Raises DataError when a method and the baseline were evaluated on different numbers
-    of images."""
+    """Per-image (method − baseline) differences, averaged over the seeds both share; the
+    teacher (one model) is paired with every seed's baseline. Raises DataError when a
+    method and the baseline were evaluated on different numbers of images."""
     base = {r.seed: r for r in results if r.name == baseline}
     by_method: dict[str, list[np.ndarray]] = {}
-    for r in results:
-        if r.teacher or r.name == baseline or r.seed not in base:
-            continue
-        other = base[r.seed]
+    pairs = [(r, base[seed]) for r in results if r.name != baseline
+             for seed in (base if r.teacher else [r.seed]) if seed in base]
+    for r, other in pairs:
         if len(r.per_image) != len(other.per_image):
             raise DataError(
                 f"cannot pair {r.name!r} (seed {r.seed}, {len(r.per_image)} test images) with "
@@ -458,8 +457,8 @@ def _method_text(report: CompareReport) -> str:
         f"{report.device}; training steps per student {report.steps or '—'}. Metrics are "
         f"means over test images, then mean ± std over seeds (n = 1: one seed, no spread). "
         f"Δ{s.primary}: the per-image difference to `{report.baseline}` (same seed, averaged "
-        f"over seeds) with a 95% percentile bootstrap interval over test images "
-        f"({BOOTSTRAP_SAMPLES:,} resamples).")
+        f"over seeds; the teacher, one model, against every seed's) with a 95% percentile "
+        f"bootstrap interval over test images ({BOOTSTRAP_SAMPLES:,} resamples).")
     if report.pruned:
         text += (" Kept %: a pruned model's parameters and GFLOPs as a percentage of the "
                  "unpruned architecture it was pruned from.")

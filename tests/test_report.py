@@ -109,6 +109,22 @@ def test_results_of_different_lengths_are_not_paired(tmp_path):
         _paired(results, "student", "mse")
 
 
+def test_the_teacher_is_paired_with_every_seeds_baseline(tmp_path):
+    """One teacher against three seeds' students: its differences are averaged over the
+    three baselines, not taken against seed 0's alone."""
+    results = _results(tmp_path, seeds=(0, 1, 2))
+    teacher = np.array([image["mse"] for image in results[0].per_image])
+    bases = np.array([[image["mse"] for image in r.per_image]
+                      for r in results if r.name == "student"])
+    assert len(bases) == 3
+    paired = _paired(results, "student", "mse")
+    np.testing.assert_allclose(paired["teacher"], (teacher - bases).mean(axis=0), rtol=1e-12)
+    assert not np.allclose(paired["teacher"], teacher - bases[0])
+    report = _report(tmp_path / "report", seeds=(0, 1, 2))
+    assert report.rows[0].method == "teacher" and report.rows[0].delta is not None
+    assert "teacher" in report.intervals
+
+
 def test_report_settings_are_checked_when_read():
     for bad, message in (({"examples": -1}, "examples"), ({"exampels": 2}, "unknown key"),
                          ({"examples": "4"}, "expected int"), ({"better": "up"}, "better"),
