@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdkit.capture import FeatureRecorder
+from kdkit.errors import ConfigError
 from tasks.matting import models
 from tasks.matting.losses import alpha_prediction_loss, composition_loss
 from tasks.matting.models import (
@@ -18,6 +19,7 @@ from tasks.matting.models import (
     unpool2x,
     unpool2x_scatter,
 )
+from tasks.matting.task import MattingTask
 
 
 def count(model):
@@ -120,6 +122,42 @@ def test_unpooling_takes_the_scatter_only_while_tracing(monkeypatch):
     assert calls == []
     torch.jit.trace(models.unpool2x, (pooled, indices))  # traces, then checks the trace
     assert calls and set(calls) == {"scatter"}
+
+
+SMALL = DIMSpec(((4,), (8,), (8,), (8,), (8,)), (8, 8, 8, 4, 1))
+
+
+def test_refinement_starts_as_the_identity_and_then_learns():
+    """A refined DIM with the coarse network's weights gives the coarse alpha at
+    initialisation (zero last conv); one SGD step on the alpha loss moves the refinement's
+    output conv, and the output then differs; its parameters are the hand count."""
+    torch.manual_seed(0)
+    coarse = DIM(SMALL).eval()
+    refined = DIM(DIMSpec(SMALL.encoder, SMALL.decoder, refine=6)).eval()
+    missing, unexpected = refined.load_state_dict(coarse.state_dict(), strict=False)
+    assert not unexpected and all(key.startswith("refine.") for key in missing)
+    extra = sum(p.numel() for p in refined.refine.parameters())
+    assert extra == (5 * 6 * 9 + 6) + 2 * (6 * 6 * 9 + 6) + 3 * 2 * 6 + (6 * 9 + 1)
+    x = torch.randn(2, 4, 40, 24)
+    torch.testing.assert_close(refined(x), coarse(x), rtol=0, atol=0)
+    before = refined(x).detach()  # in eval mode throughout: no BN statistics move
+    target = torch.rand(2, 1, 40, 24)
+    loss = F.l1_loss(refined(x), target)
+    loss.backward()
+    assert refined.refine.out.weight.grad.abs().sum() > 0
+    torch.optim.SGD(refined.refine.parameters(), lr=0.5).step()
+    assert not torch.allclose(refined(x), before)
+    with pytest.raises(ValueError, match="refine is a channel count"):
+        DIMSpec(SMALL.encoder, SMALL.decoder, refine=-1)
+
+
+def test_the_config_adds_the_refinement_stage():
+    spec = {"name": "dim", "encoder_channels": [list(b) for b in SMALL.encoder],
+            "decoder_channels_dim": list(SMALL.decoder)}
+    assert MattingTask().build_model(spec).refine is None
+    assert MattingTask().build_model({**spec, "refine_channels": 6}).refine.out.in_channels == 6
+    with pytest.raises(ConfigError, match="refine_channels"):
+        MattingTask().build_model({**spec, "refine_channels": -1})
 
 
 @pytest.mark.parametrize("encoder", ["resnet18", "mobilenetv2_100"])

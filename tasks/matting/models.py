@@ -4,8 +4,10 @@ DIM (SegNet-style, as both SPKD and DCP papers use it): input ``B×4×H×W`` (RG
 with ImageNet mean/std, plus trimap/255), output ``B×1×H×W`` alpha through a sigmoid. Every
 encoder conv is 3×3 conv → BN → ReLU and every encoder block ends in a 2×2 max-pool that
 keeps its indices; every decoder stage unpools with the matching indices and applies a 5×5
-conv → BN (no ReLU). No skip connections, no refinement stage. Both DIM sizes come from one
-:class:`DIMSpec`, so other widths and depths are a config change.
+conv → BN (no ReLU). No skip connections; the SPKD models have no refinement stage, and
+``DIMSpec.refine`` adds DIM's own (:class:`Refinement`: full-resolution convs on the input and
+the coarse alpha). Both DIM sizes come from one :class:`DIMSpec`, so other widths and depths
+are a config change.
 
 Stable module names (for :class:`kdkit.Distiller` terms):
 
@@ -14,6 +16,8 @@ Stable module names (for :class:`kdkit.Distiller` terms):
     conv{k}.units.{j}  the j-th conv → BN → ReLU of block k (``.conv``, ``.bn``, ``.relu``);
                        the BN of the last unit is the OFD point of block k
     deconv{k}          decoder stage k (deconv5 is the deepest), output after its BN
+    refine             the refinement stage, when the spec has one (its output: the
+                       correction of the alpha's logit)
 
 Inputs of any size are padded (reflect) to a multiple of 32 and the output is cropped back.
 """
@@ -33,6 +37,7 @@ __all__ = [
     "TEACHER_SPEC",
     "STUDENT_SPEC",
     "DIM",
+    "Refinement",
     "TimmMatting",
     "dim_teacher",
     "dim_student",
@@ -46,10 +51,12 @@ MULTIPLE = 32
 @dataclass(frozen=True)
 class DIMSpec:
     """Encoder blocks (channels of each 3×3 conv) and decoder stages (5×5 conv channels,
-    deepest first; the last is the output channel)."""
+    deepest first; the last is the output channel); ``refine``: the channels of DIM's
+    refinement stage (0: none, the SPKD papers' models)."""
 
     encoder: tuple[tuple[int, ...], ...]
     decoder: tuple[int, ...]
+    refine: int = 0
 
     def __post_init__(self):
         if len(self.encoder) != len(self.decoder):
@@ -57,6 +64,9 @@ class DIMSpec:
                 f"DIMSpec needs one decoder stage per encoder block: found "
                 f"{len(self.encoder)} blocks and {len(self.decoder)} stages"
             )
+        if self.refine < 0:
+            raise ValueError(f"DIMSpec.refine is a channel count (0 for no refinement "
+                             f"stage), found {self.refine}")
 
 
 TEACHER_SPEC = DIMSpec(
@@ -153,6 +163,24 @@ class DecoderStage(nn.Module):
         return self.bn(self.conv(unpool2x(x, indices)))
 
 
+class Refinement(nn.Module):
+    """DIM's refinement stage (Xu et al. 2017, §4.2): three 3×3 conv units and a 3×3 conv at
+    full resolution on the network input and the coarse alpha, ``B×(Cin+1)×H×W`` → a
+    ``B×1×H×W`` correction of the alpha's logit, zero at initialisation (the stage starts
+    as the identity)."""
+
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__()
+        widths = [in_channels + 1, channels, channels, channels]
+        self.units = nn.Sequential(*(ConvUnit(a, b) for a, b in zip(widths, widths[1:])))
+        self.out = nn.Conv2d(channels, 1, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        return self.out(self.units(torch.cat([x, coarse], dim=1)))
+
+
 class DIM(nn.Module):
     """Deep Image Matting encoder–decoder: ``B×4×H×W`` → alpha ``B×1×H×W`` in (0, 1).
 
@@ -175,6 +203,7 @@ class DIM(nn.Module):
             self.add_module(f"deconv{k}", DecoderStage(channels, out))
             channels = out
         self.depth = len(spec.encoder)
+        self.refine = Refinement(in_channels, spec.refine) if spec.refine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, tie_unpooling=False)
@@ -194,7 +223,7 @@ class DIM(nn.Module):
                 f"statistics plus trimap/255: tasks.matting.models.network_input), got shape "
                 f"{tuple(x.shape)}")
         x, (h, w) = pad_to_multiple(x)
-        trail = []
+        inputs, trail = x, []
         for k in range(1, self.depth + 1):
             x, indices = getattr(self, f"conv{k}")(x)
             trail.append((x, indices))
@@ -203,6 +232,8 @@ class DIM(nn.Module):
             if tie_unpooling:
                 x = x + 0 * pooled
             x = getattr(self, f"deconv{k}")(x, indices)
+        if self.refine is not None:  # a correction of the logit: the alpha stays in (0, 1)
+            x = x + self.refine(inputs, torch.sigmoid(x))
         return torch.sigmoid(x)[..., :h, :w]
 
     def distilled_layers(self) -> list[str]:

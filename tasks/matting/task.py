@@ -55,13 +55,14 @@ class MattingModel:
     encoder_channels: list[list[int]] | None = None  # dim only
     decoder_channels_dim: list[int] | None = None  # dim only
     adapter_channels: list[int] | None = None  # dim only: adapters of blocks 2–5
+    refine_channels: int = 0  # dim only: DIM's refinement stage (0: none)
     encoder: str = "resnet18"  # timm only
     decoder_channels: int = 64  # timm only
     pretrained: bool = False  # timm only; needs weights available locally
 
 
 register_checks(MattingModel, name=OneOf(("dim_teacher", "dim_student", "dim", "timm")),
-                decoder_channels=Range(1))
+                decoder_channels=Range(1), refine_channels=Range(0))
 
 
 #: The arrays a batch can carry; image, alpha and trimap are always needed.
@@ -205,7 +206,7 @@ class MattingTask:
                 raise ConfigError("model.name 'dim' needs model.encoder_channels and "
                                   "model.decoder_channels_dim")
             spec = DIMSpec(tuple(tuple(block) for block in model.encoder_channels),
-                           tuple(model.decoder_channels_dim))
+                           tuple(model.decoder_channels_dim), model.refine_channels)
             return DIM(spec, adapter_channels=model.adapter_channels)
         return TimmMatting(model.encoder, model.decoder_channels, model.pretrained)  # timm
 
