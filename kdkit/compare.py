@@ -25,10 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from kdkit.checkpoint import save_atomic
+from kdkit.compare_plan import (
+    Entry,
+    finished,
+    plan_entries,
+    run_entries,
+    training_chunks,
+    training_groups,
+    training_notes,
+)
 from kdkit.config import RunConfig, from_mapping, load_yaml, run_config_from_mapping
-from kdkit.dcp import prune_run
 from kdkit.distributed import World, end_world, setup_world
-from kdkit.errors import ConfigError, Interrupted
+from kdkit.errors import ConfigError, PlanError
 from kdkit.evaluation_cache import (
     TRAINING_FREE,
     evaluate_cached,
@@ -45,13 +53,7 @@ from kdkit.report import (
     write_compare_report,
 )
 from kdkit.task import Task
-from kdkit.train import (
-    WEIGHTS,
-    build_model,
-    read_log,
-    resolve_device,
-    train,
-)
+from kdkit.train import WEIGHTS, build_model, resolve_device
 from kdkit.training.budget import (
     BudgetPlan,
     evaluation_reserve,
@@ -60,12 +62,11 @@ from kdkit.training.budget import (
     parse_duration,
     plan_steps,
 )
-from kdkit.training.folder import RunFolder, resume_problems
-from kdkit.training.lockstep import alone_reason, lockstep_chunks, train_lockstep
-from kdkit.training.stop import REQUEST, signal_name, stop_signals
+from kdkit.training.stop import stop_signals
 
-__all__ = ["CompareConfig", "evaluation_key", "is_training_free", "load_compare_config",
-           "method_runs", "needs_teacher", "run_compare", "training_free_rows"]
+__all__ = ["CompareConfig", "comparison_entries", "evaluation_key", "is_training_free",
+           "load_compare_config", "method_runs", "needs_teacher", "run_compare",
+           "training_free_rows"]
 
 
 @dataclass
@@ -248,17 +249,6 @@ def method_runs(config: CompareConfig, w2: float | None = None) -> list[tuple]:
     return runs
 
 
-def _finished(run: RunConfig) -> bool:
-    """Whether ``run``'s folder holds it finished: its final weights and final evaluation,
-    made with this config (up to what :mod:`kdkit.training.folder` deems safe to change).
-    A folder made with another config is not finished: :func:`kdkit.train.train` then
-    resumes it or says which keys differ."""
-    folder = RunFolder(Path(run.out_dir), writes=False)
-    saved = folder.saved_config() if folder.weights.exists() else None
-    return (saved is not None and not resume_problems(saved, run, run.train.steps)
-            and any(r["step"] == run.train.steps for r in read_log(folder.path, "eval")))
-
-
 def _all_runs(config: CompareConfig, w2_values: list[float] | None) -> tuple[list, dict]:
     """([(label, seed, run config)], {run folder: prune job or None}) over the w2 values;
     methods without feature terms run once, shared across them."""
@@ -278,101 +268,6 @@ def _check_report_metrics(config: CompareConfig, task: Task, run) -> None:
     metrics = task.metrics(run.metrics)
     names = list(metrics.keys()) if hasattr(metrics, "keys") else ["metric"]
     check_metric_names(report_settings(config.report, task), names)
-
-
-TRAINED = "trained.json"  # in out_dir: how each run was trained (in lockstep or alone)
-
-
-def _chunks(config: CompareConfig, task: Task, configs: list[RunConfig]) -> list[list]:
-    """The units ``configs`` (rows of one seed) train in: lockstep chunks
-    (:func:`kdkit.training.lockstep.lockstep_chunks`), or one row each with ``lockstep:
-    false``."""
-    if not config.lockstep or not configs:
-        return [[c] for c in configs]
-    world = setup_world(resolve_device(configs[0].train.device))
-    try:
-        return lockstep_chunks(configs, task, world)
-    finally:
-        end_world(world)
-
-
-def _how_alone(config: CompareConfig, run: RunConfig) -> str:
-    if not config.lockstep:
-        return "alone (lockstep: false)"
-    reason = alone_reason(run) or "no other row shares its data, seed, batch size and " \
-                                  "teacher, or the device fits one row at a time"
-    return f"alone ({reason})"
-
-
-def _unfinished(runs: list, jobs: dict, task: Task, progress: bool) -> list[tuple]:
-    """The (label, run) of ``runs`` that have not finished (the others are reused), a
-    pruning method's sparsify run and pruned model made first when missing."""
-    todo = []
-    for label, seed, run in runs:
-        if _finished(run):
-            if progress:
-                print(f"reusing {run.out_dir}")
-            continue
-        job = jobs[run.out_dir]
-        if job is not None and not Path(job["output"]).exists():
-            if progress:
-                print(f"sparsifying and pruning {label} (seed {seed})")
-            prune_run(job, task, progress=progress)
-        todo.append((label, run))
-    return todo
-
-
-def _stop_between_runs() -> None:
-    """Raise :class:`Interrupted` when a stop signal came after the last run finished."""
-    if REQUEST.signal is not None:
-        raise Interrupted(f"stopped by {signal_name(REQUEST.signal)} between two runs; every "
-                          "finished run is kept", REQUEST.signal)
-
-
-def _train_missing(config: CompareConfig, task: Task, runs: list, jobs: dict,
-                   progress: bool) -> None:
-    """Train the teacher (when trained here) and every run that has not finished, seed by
-    seed: the rows of a seed in lockstep chunks (or one by one with ``lockstep: false``);
-    how each trained is kept in ``out_dir/trained.json`` for the report."""
-    teacher = teacher_run(config)
-    if teacher is not None and not _finished(teacher):
-        if progress:
-            print(f"training the teacher → {teacher.out_dir}")
-        train(teacher, task, progress=progress)
-    record = Path(config.out_dir) / TRAINED
-    how = json.loads(record.read_text()) if record.exists() else {}
-    for seed in dict.fromkeys(seed for _, seed, _ in runs):
-        todo = _unfinished([r for r in runs if r[1] == seed], jobs, task, progress)
-        labels = {run.out_dir: label for label, run in todo}
-        for number, chunk in enumerate(_chunks(config, task, [run for _, run in todo]), 1):
-            _stop_between_runs()
-            names = ", ".join(labels[run.out_dir] for run in chunk)
-            if len(chunk) == 1:
-                if progress:
-                    print(f"training {names} (seed {seed}) → {chunk[0].out_dir}")
-                train(chunk[0], task, progress=progress)
-                how[chunk[0].out_dir] = _how_alone(config, chunk[0])
-            else:
-                if progress:
-                    print(f"training in lockstep (seed {seed}): {names}")
-                train_lockstep(chunk, task, progress=progress)
-                how.update({run.out_dir: f"in lockstep (seed {seed}, group {number}: one "
-                                         "data stream, one teacher forward per batch; its "
-                                         "train ms/step is the whole group's)"
-                            for run in chunk})
-            record.write_text(json.dumps(how, indent=1))
-
-
-def _training_notes(config: CompareConfig, runs: list) -> list[str]:
-    """The report's line on how the rows were trained (from ``out_dir/trained.json``)."""
-    record = Path(config.out_dir) / TRAINED
-    how = json.loads(record.read_text()) if record.exists() else {}
-    rows: dict[str, list[str]] = {}
-    for label, seed, run in runs:
-        key = how.get(run.out_dir, "not recorded (trained before kdkit kept this record)")
-        rows.setdefault(key, []).append(f"{label} (seed {seed})")
-    return ["How the rows were trained: " + "; ".join(f"{key}: {', '.join(names)}"
-                                                    for key, names in rows.items()) + "."]
 
 
 def _evaluate_all(config: CompareConfig, task: Task, runs: list, device,
@@ -454,7 +349,7 @@ def _measure_and_plan(config: CompareConfig, task: Task, runs: list, jobs: dict,
     steps."""
     started, first = _clock(), runs[0][2]
     teacher = teacher_run(config)
-    teacher = None if teacher is None or _finished(teacher) else teacher
+    teacher = None if teacher is None or finished(teacher) else teacher
     teacher_build, teacher_s = (0.0, None) if teacher is None else \
         group_timing([teacher], task, world, _clock)
     with tempfile.TemporaryDirectory() as scratch:
@@ -463,7 +358,8 @@ def _measure_and_plan(config: CompareConfig, task: Task, runs: list, jobs: dict,
         configs = [_with_weights(run, weights) for _, seed, run in runs if seed == runs[0][1]]
         timings = {"+".join(rows[c.out_dir] for c in chunk):
                    group_timing([_timed_as(c) for c in chunk], task, world, _clock)
-                   for chunk in _chunks(config, task, configs)}
+                   for group in training_groups(configs, config.lockstep)
+                   for chunk in training_chunks(group, task, world)}
         timings.update({label: group_timing([_with_weights(sparse, weights)], task, world,
                                             _clock)
                         for label, sparse in _sparse_runs(jobs, runs).items()})
@@ -537,20 +433,46 @@ def _budget(config: CompareConfig, task: Task, w2_values: list[float] | None, ru
     return (plan, *_apply_plan(config, plan, w2_values))
 
 
-def run_compare(config: CompareConfig, task: Task, w2_values: list[float] | None = None,
-                progress: bool = True) -> Path:
-    """Train what is missing (with a ``budget``, the steps that fit it first), evaluate
-    everything per image, write the report; returns the report folder."""
+def _checked_runs(config: CompareConfig, task: Task,
+                  w2_values: list[float] | None) -> tuple[list, dict]:
+    """:func:`_all_runs`, after the checks that cost seconds rather than the training (the
+    report's metric names, the training-free rows' names)."""
     runs, jobs = _all_runs(config, w2_values)
     _check_report_metrics(config, task, runs[0][2])
-    training_free_rows(config, task)  # an unknown name costs seconds, not the training
+    training_free_rows(config, task)
+    return runs, jobs
+
+
+def comparison_entries(config: CompareConfig, task: Task,
+                       w2_values: list[float] | None = None) -> list[Entry]:
+    """The comparison's entries (:mod:`kdkit.compare_plan`), for ``--plan`` and
+    ``--entry``: a comparison with a ``budget`` is a :class:`PlanError` (its steps come
+    from a warm-up of every row together)."""
+    if config.budget is not None:
+        raise PlanError(
+            f"a comparison with a time budget ({config.budget}) cannot be split into "
+            "independent entries: the budget's warm-up times every row together and "
+            "rescales all their steps. Remove budget: (or --budget) and set the steps "
+            "yourself (base.train.steps, teacher.train.steps; a run with the budget writes "
+            "the steps it chose to <out_dir>/budget.json), or run the comparison with its "
+            "budget in one process: kdkit compare CONFIG --budget DURATION")
+    runs, jobs = _checked_runs(config, task, w2_values)
+    return plan_entries(teacher_run(config), runs, jobs, config.lockstep)
+
+
+def run_compare(config: CompareConfig, task: Task, w2_values: list[float] | None = None,
+                progress: bool = True) -> Path:
+    """Run every entry that has not finished (with a ``budget``, its steps planned first),
+    evaluate everything per image, write the report; returns the report folder."""
+    runs, jobs = _checked_runs(config, task, w2_values)
     plan, runs, jobs = _budget(config, task, w2_values, runs, jobs, progress)
+    entries = plan_entries(teacher_run(config), runs, jobs, config.lockstep)
     with stop_signals():  # a signal stops the run in flight, checkpointed (kdkit.training.stop)
-        _train_missing(config, task, runs, jobs, progress)
+        run_entries(entries, task, config.lockstep, progress)
     first = runs[0][2]
     device = resolve_device(first.train.device)
     _, eval_set = task.datasets(first.data)
     results = _evaluate_all(config, task, runs, device, eval_set)
     return write_compare_report(config, task, results, teacher_checkpoint(config), eval_set,
                                 device, ([] if plan is None else plan.lines())
-                                + _training_notes(config, runs))
+                                + training_notes(runs))

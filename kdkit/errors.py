@@ -18,6 +18,7 @@ __all__ = [
     "KernelFailure",
     "MissingFileError",
     "NonFiniteLossError",
+    "PlanError",
     "RunFolderError",
 ]
 
@@ -44,6 +45,11 @@ class CheckpointError(KdkitError, ValueError):
 
 class RunFolderError(KdkitError):
     """A run folder that holds another run (a different config, a finished run)."""
+
+
+class PlanError(KdkitError):
+    """An entry of a comparison's plan that cannot run: an index out of range, an entry
+    whose dependencies have not finished, or a plan asked of a comparison with a budget."""
 
 
 class FeatureError(KdkitError, RuntimeError):

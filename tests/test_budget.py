@@ -12,6 +12,7 @@ from toy_task import ToyTask
 from kdkit import compare
 from kdkit.cli import main
 from kdkit.errors import ConfigError
+from kdkit.train import read_log
 from kdkit.training import budget
 from kdkit.training.budget import (
     REPORT_ALLOWANCE_S,
@@ -103,10 +104,10 @@ def test_compare_with_a_budget_plans_applies_and_reports_the_steps(tmp_path, mon
     assert main(["compare", str(path), "--quiet", "--budget", "100s"]) == 0
     assert measured == [["cmp"], ["student", "spatial"]]  # the teacher, one lockstep unit
     cmp = tmp_path / "cmp"
-    assert compare.read_log(cmp / "teacher", "eval")[-1]["step"] == 36
+    assert read_log(cmp / "teacher", "eval")[-1]["step"] == 36
     for method in ("student", "spatial"):
         for seed in (0, 1):
-            assert compare.read_log(cmp / method / f"seed{seed}", "eval")[-1]["step"] == 18
+            assert read_log(cmp / method / f"seed{seed}", "eval")[-1]["step"] == 18
     text = (cmp / "report" / "results.md").read_text()
     assert "Time budget 100 s" in text and "students 18 steps each" in text
     assert "3 s for building the runs" in text

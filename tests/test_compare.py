@@ -8,10 +8,11 @@ import pytest
 import yaml
 from toy_task import ToyData, ToyNet, ToyTask
 
-from kdkit import compare, evaluation_cache
+from kdkit import evaluation_cache
 from kdkit.checkpoint import save_atomic
 from kdkit.cli import main
 from kdkit.compare import load_compare_config, method_runs
+from kdkit.compare_plan import finished
 from kdkit.config import ConfigError, run_config_from_mapping
 from kdkit.report import bootstrap_interval
 from kdkit.training.folder import RunFolder
@@ -108,11 +109,11 @@ def test_a_finished_run_is_reused_only_with_the_config_it_was_made_with(tmp_path
     folder.write_config(run)
     save_atomic({"model": ToyNet(4).state_dict()}, folder.weights)
     (folder.path / "log.jsonl").write_text(json.dumps({"kind": "eval", "step": 4}) + "\n")
-    assert compare._finished(run)
+    assert finished(run)
     run.train.log_every = 1  # safe to change
-    assert compare._finished(run)
+    assert finished(run)
     run.train.lr = 0.5  # the weights were not made with this
-    assert not compare._finished(run)
+    assert not finished(run)
 
 
 def test_bad_compare_configs_are_explained(tmp_path):

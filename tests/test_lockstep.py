@@ -136,10 +136,9 @@ def test_the_teacher_runs_once_per_batch_for_every_row(tmp_path, monkeypatch):
 
 
 def test_lockstep_false_in_the_config_trains_the_rows_one_by_one():
-    from kdkit import compare
+    from kdkit.compare_plan import training_groups
 
     config = load_compare_config(TINY, ["lockstep=false", "only=[student,hinton,ofd]"])
     runs = [run for _, _, run, _ in method_runs(config)]
-    assert compare._chunks(config, load_task("matting"), runs) == [[run] for run in runs]
-    config.lockstep = True
-    assert compare._chunks(config, load_task("matting"), runs) == [runs]
+    assert training_groups(runs, config.lockstep) == [[run] for run in runs]
+    assert training_groups(runs, lockstep=True) == [runs]

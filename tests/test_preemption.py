@@ -19,7 +19,7 @@ from test_reliability import ENV, _weights, toy_run
 
 from kdkit.checkpoint import load_checkpoint
 from kdkit.cli import resume_command
-from kdkit.compare import _stop_between_runs
+from kdkit.compare_plan import _stop_between_runs
 from kdkit.config import run_config_from_mapping
 from kdkit.errors import Interrupted
 from kdkit.train import read_log
