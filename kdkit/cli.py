@@ -126,10 +126,43 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_argv(args: argparse.Namespace) -> list[str]:
+    """The ``kdkit`` arguments of this comparison (config, ``--set``, ``--out``, ``--w2``,
+    ``--no-lockstep``, ``--quiet``), for the commands a plan gives."""
+    return ["compare", args.config, *(["--set", *args.set] if args.set else []),
+            *(["--out", args.out] if args.out else []),
+            *(["--w2", *map(repr, args.w2)] if args.w2 else []),
+            *(["--no-lockstep"] if args.no_lockstep else []),
+            *(["--quiet"] if args.quiet else [])]
+
+
+def _write_plan(args: argparse.Namespace, config, task) -> int:
+    """``--plan FILE``: write the comparison's entries and say how to run them."""
+    import json
+
+    from kdkit.compare import comparison_entries
+    from kdkit.compare_plan import plan_document
+
+    entries = comparison_entries(config, task, args.w2)
+    document = plan_document(entries, _compare_argv(args), config.out_dir)
+    Path(args.plan).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.plan).write_text(json.dumps(document, indent=1) + "\n")
+    levels = "; ".join(f"level {level['level']}: " + (
+        f"entry {level['first']}" if level["first"] == level["last"]
+        else f"entries {level['first']}-{level['last']}") for level in document["levels"])
+    print(f"wrote {args.plan}: {len(entries)} entries ({levels}); an entry runs once the "
+          f"entries of its depends_on have finished (those of earlier levels).\n"
+          f"run one:     {shlex.join(['kdkit', *_compare_argv(args), '--entry', 'I'])}\n"
+          f"then report: {document['report']}")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
-    from kdkit.compare import load_compare_config, run_compare
+    from kdkit.compare import comparison_entries, load_compare_config, run_compare
+    from kdkit.compare_plan import run_one
     from kdkit.task import load_task
     from kdkit.training.budget import parse_duration
+    from kdkit.training.stop import stop_signals
 
     overrides = list(args.set or []) + ([f"out_dir={args.out}"] if args.out else [])
     config = load_compare_config(args.config, overrides)
@@ -139,7 +172,16 @@ def _compare(args: argparse.Namespace) -> int:
     if args.no_lockstep:
         config.lockstep = False
     config.report.setdefault("command", "kdkit " + " ".join(args.argv))
-    run_compare(config, load_task(config.task), args.w2, progress=not args.quiet)
+    task = load_task(config.task)
+    if args.plan is not None:
+        return _write_plan(args, config, task)
+    if args.entry is not None:
+        entries = comparison_entries(config, task, args.w2)
+        with stop_signals():  # a signal stops the entry's run in flight, checkpointed
+            print(run_one(entries, args.entry, task, config.lockstep, _compare_argv(args),
+                          progress=not args.quiet))
+        return 0
+    run_compare(config, task, args.w2, progress=not args.quiet)
     return 0
 
 
@@ -288,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="train the rows one after another (default: the rows of a seed "
                               "together, on one data stream with one teacher forward per batch)")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    jobs = compare.add_mutually_exclusive_group()
+    jobs.add_argument("--plan", metavar="FILE",
+                      help="write the comparison's entries (the teacher, each prune job, each "
+                           "lockstep group or row of each seed) with their dependencies and "
+                           "the command that runs each, as JSON, and exit")
+    jobs.add_argument("--entry", type=int, metavar="I",
+                      help="run entry I of the plan (e.g. $SLURM_ARRAY_TASK_ID) into the "
+                           "comparison's folders and exit; once every entry has finished, "
+                           "kdkit compare CONFIG writes the report without retraining")
     compare.set_defaults(run=_compare)
 
     prune = commands.add_parser(
