@@ -36,8 +36,8 @@ def test_tiny_preset_runs_every_method_and_reports_miou_higher_is_better(tmp_pat
     with open(report / "results.csv") as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
     assert list(rows) == ["teacher", "student", "hinton", "at", "ofd", "spatial", "channel",
-                          "spatial+channel", "fitnet", "cwd", "dist", "mgd", "pairwise", "ns",
-                          "dcp-spkd"]
+                          "spatial+channel", "fitnet", "cwd", "dist", "mgd", "pairwise",
+                          "cross-image", "ns", "dcp-spkd"]
     table = (report / "results.md").read_text()
     for row in rows.values():
         assert 0 <= float(row["mIoU"]) <= 1 and 0 <= float(row["pixel_acc"]) <= 1
@@ -53,13 +53,14 @@ def test_tiny_preset_runs_every_method_and_reports_miou_higher_is_better(tmp_pat
     # every distillation term was trained and logged under its own name
     logged = {method: set(read_log(out / method / "seed0", "train")[0])
               for method in ("hinton", "at", "ofd", "spatial", "channel", "spatial+channel",
-                             "fitnet", "cwd", "dist", "mgd", "pairwise")}
+                             "fitnet", "cwd", "dist", "mgd", "pairwise", "cross-image")}
     assert any(key.startswith("hinton") for key in logged["hinton"])
     assert sum(key.startswith("ofd") for key in logged["ofd"]) == 4
     assert sum(key.startswith("spatial_channel") for key in logged["spatial+channel"]) == 4
     assert sum(key.startswith("fitnet") for key in logged["fitnet"]) == 4
     for method, loss in (("cwd", "cwd"), ("dist", "dist"), ("mgd", "mgd"),
-                         ("pairwise", "pairwise_affinity")):
+                         ("pairwise", "pairwise_affinity"),
+                         ("cross-image", "cross_image_affinity")):
         assert any(key.startswith(loss) for key in logged[method]), (method, logged[method])
 
 
