@@ -150,9 +150,9 @@ def _write_plan(args: argparse.Namespace, config, task) -> int:
     levels = "; ".join(f"level {level['level']}: " + (
         f"entry {level['first']}" if level["first"] == level["last"]
         else f"entries {level['first']}-{level['last']}") for level in document["levels"])
-    print(f"wrote {args.plan}: {len(entries)} entries ({levels}); an entry runs once the "
-          f"entries of its depends_on have finished (those of earlier levels).\n"
-          f"run one:     {shlex.join(['kdkit', *_compare_argv(args), '--entry', 'I'])}\n"
+    print(f"wrote {args.plan}: {len(entries)} entries ({levels})\n"
+          f"run one:     {shlex.join(['kdkit', *_compare_argv(args), '--entry', 'I'])}  "
+          "(after the entries of its depends_on: those of earlier levels)\n"
           f"then report: {document['report']}")
     return 0
 
