@@ -163,24 +163,27 @@ def test_bootstrap_interval():
     assert hi == pytest.approx(values.mean() + half_width, abs=0.03)
 
 
+WIDE = {"name": "dim", "encoder_channels": [[8], [16], [16], [16], [16]],
+        "decoder_channels_dim": [16, 16, 16, 8, 1]}
+DCP = {
+    "prune": {
+        "sparse": {"model": WIDE, "sparsity": {"conv": 1e-4, "deconv": 1e-5},
+                   "loss": {"alpha": 0.5, "teacher_alpha": 0.5},
+                   "distillation": [{"loss": "spatial_similarity", "student": "conv3.out",
+                                     "teacher": "conv3.out"}]},
+        "fractions": {"conv": 0.5, "deconv": 0.5}, "ignored": ["deconv1.conv"],
+        "input_size": [32, 32],
+    },
+    "loss": {"alpha": 0.5, "teacher_alpha": 0.5},
+}
+#: A plain student and two DCP rows that differ only in ``reinit`` (one prune job).
+PRUNING = {"student": METHODS["student"], "dcp": DCP,
+           "dcp-inherit": {**DCP, "prune": {**DCP["prune"], "reinit": False}}}
+
+
 def test_pruning_methods_sparsify_prune_and_retrain_inside_compare(tmp_path):
-    wide = {"name": "dim", "encoder_channels": [[8], [16], [16], [16], [16]],
-            "decoder_channels_dim": [16, 16, 16, 8, 1]}
-    dcp = {
-        "prune": {
-            "sparse": {"model": wide, "sparsity": {"conv": 1e-4, "deconv": 1e-5},
-                       "loss": {"alpha": 0.5, "teacher_alpha": 0.5},
-                       "distillation": [{"loss": "spatial_similarity", "student": "conv3.out",
-                                         "teacher": "conv3.out"}]},
-            "fractions": {"conv": 0.5, "deconv": 0.5}, "ignored": ["deconv1.conv"],
-            "input_size": [32, 32],
-        },
-        "loss": {"alpha": 0.5, "teacher_alpha": 0.5},
-    }
     path = compare_config(tmp_path)
-    inherit = {**dcp, "prune": {**dcp["prune"], "reinit": False}}
-    methods = {"student": METHODS["student"], "dcp": dcp, "dcp-inherit": inherit}
-    (tmp_path / "methods.yaml").write_text(yaml.safe_dump(methods, sort_keys=False))
+    (tmp_path / "methods.yaml").write_text(yaml.safe_dump(PRUNING, sort_keys=False))
     assert main(["compare", str(path), "--quiet"]) == 0
     # the two rows differ only in reinit: one sparsify run and one pruned model, shared
     shared = list((tmp_path / "cmp" / "pruned").glob("*/seed0"))

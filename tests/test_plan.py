@@ -13,19 +13,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from test_budget import SPATIAL, toy_compare
+from test_compare import PRUNING, compare_config
 from test_reliability import ENV
 from toy_task import ToyTask
 
 from kdkit.cli import main
 from kdkit.compare import comparison_entries, load_compare_config
+from kdkit.task import load_task
 
 #: The plan's commands start with ``kdkit``: the console script of this interpreter's venv.
 PLAN_ENV = {**ENV, "PATH": os.pathsep.join([str(Path(sys.executable).parent),
                                             ENV.get("PATH", "")])}
 SPARSE = {"model": {"width": 8}, "sparsity": {"body": 1e-4}, "distillation": SPATIAL}
 PRUNE = {"sparse": SPARSE, "fractions": {"body": 0.5}, "input_size": [8, 8]}
-PRUNING = {"student": {}, "spatial": {"distillation": SPATIAL}, "pruned": {"prune": PRUNE},
+TOY_PRUNING = {"student": {}, "spatial": {"distillation": SPATIAL}, "pruned": {"prune": PRUNE},
            "pruned-inherit": {"prune": {**PRUNE, "reinit": False}}}
 
 
@@ -54,7 +57,7 @@ def _training_line(cmp: Path) -> str:
 
 
 def test_the_plan_lists_every_entry_with_its_level_dependencies_and_outputs(tmp_path):
-    config = load_compare_config(toy_compare(tmp_path, PRUNING))
+    config = load_compare_config(toy_compare(tmp_path, TOY_PRUNING))
     entries = comparison_entries(config, ToyTask())
     described = [(e.index, e.level, e.describe(), [d.index for d in e.after]) for e in entries]
     assert described == [
@@ -76,7 +79,7 @@ def test_the_plan_lists_every_entry_with_its_level_dependencies_and_outputs(tmp_
 
     # one row per entry without lockstep; a row without the teacher depends on nothing
     config.lockstep = False
-    config.methods = {name: PRUNING[name] for name in ("student", "spatial")}
+    config.methods = {name: TOY_PRUNING[name] for name in ("student", "spatial")}
     entries = comparison_entries(config, ToyTask())
     assert [(e.describe(), [d.index for d in e.after]) for e in entries] == [
         ("the teacher", []), ("train student (seed 0)", []), ("train student (seed 1)", []),
@@ -120,6 +123,33 @@ def test_plan_entries_run_from_two_processes_give_the_sequential_report(tmp_path
     assert _results(cmp) == _results(sequential / "cmp")
     assert _training_line(cmp) == _training_line(sequential / "cmp")
     assert "in lockstep (seed 1, group 1" in _training_line(cmp)
+
+
+def test_prune_entries_and_pruned_rows_run_as_entries_and_the_report_retrains_nothing(
+        tmp_path, capsys):
+    """DCP rows of the matting test comparison, one entry at a time in this process: the
+    pruned rows wait for their prune job, which waits for the teacher."""
+    path = str(compare_config(tmp_path))
+    (tmp_path / "methods.yaml").write_text(yaml.safe_dump(PRUNING, sort_keys=False))
+    entries = comparison_entries(load_compare_config(path), load_task("matting"))
+    assert [(e.kind, e.level, [d.index for d in e.after]) for e in entries] == [
+        ("teacher", 0, []), ("train", 0, []), ("prune", 1, [0]), ("train", 2, [0, 2]),
+        ("train", 2, [0, 2])]
+    assert main(["compare", path, "--quiet", "--entry", "3"]) == 2
+    assert "depends on entries 0, 2, and these have not finished: entry 0" in \
+        capsys.readouterr().err
+    for index in range(len(entries)):
+        assert main(["compare", path, "--quiet", "--entry", str(index)]) == 0
+    assert "finished; 5 of 5 entries have" in capsys.readouterr().out
+    cmp = tmp_path / "cmp"
+    logs = {log: log.read_text() for log in cmp.glob("**/log.jsonl")}
+    assert len(logs) == 5  # the teacher, the student, the sparsify run, two pruned rows
+    assert main(["compare", path, "--quiet"]) == 0
+    assert {log: log.read_text() for log in logs} == logs
+    with open(cmp / "report" / "results.csv") as handle:
+        assert [r["method"] for r in csv.DictReader(handle)] == [
+            "teacher", "student", "dcp", "dcp-inherit"]
+    assert "alone (a pruned model): dcp (seed 0), dcp-inherit (seed 0)" in _training_line(cmp)
 
 
 def test_an_entry_refuses_to_run_before_its_dependencies_or_out_of_range(tmp_path, capsys):
