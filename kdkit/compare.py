@@ -9,7 +9,9 @@ training), the ``teacher`` (a ``checkpoint``, or ``train:`` settings to train it
 run folder under ``out_dir/<method>/seed<k>``: finished runs are reused and interrupted
 ones resume, so running the command again continues where it stopped. The rows of a seed
 train in lockstep (:mod:`kdkit.training.lockstep`; ``lockstep: false`` one by one), and a
-``budget`` chooses the steps (:mod:`kdkit.training.budget`).
+``budget`` chooses the steps (:mod:`kdkit.training.budget`). The training is a list of
+entries (:mod:`kdkit.compare_plan`: the teacher, prune jobs, lockstep groups or rows of each
+seed), run here in order, or one job each (``--plan``, ``--entry``) before the report.
 """
 
 from __future__ import annotations
