@@ -175,9 +175,13 @@ def _write_how(run: RunConfig, how: str) -> None:
     os.replace(temporary, path)
 
 
-def _how_alone(run: RunConfig, lockstep: bool) -> str:
+def _how_alone(run: RunConfig, lockstep: bool, group_finished: bool) -> str:
+    """Why ``run`` trained alone; ``group_finished``: the other rows of its lockstep group
+    had finished before it (a row added to a finished comparison)."""
     if not lockstep:
         return "alone (lockstep: false)"
+    if group_finished:
+        return "alone (the other rows of its lockstep group had finished before it)"
     reason = alone_reason(run) or "no other row shares its data, seed, batch size and " \
                                   "teacher, or the device fits one row at a time"
     return f"alone ({reason})"
@@ -200,7 +204,8 @@ def _train_unit(entry: Entry, todo: list[RunConfig], task: Task, lockstep: bool,
             if progress:
                 print(f"training {names} (seed {entry.seed}) → {chunk[0].out_dir}")
             train(chunk[0], task, progress=progress)
-            _write_how(chunk[0], _how_alone(chunk[0], lockstep))
+            _write_how(chunk[0], _how_alone(chunk[0], lockstep,
+                                            len(todo) == 1 < len(entry.runs)))
             continue
         if progress:
             print(f"training in lockstep (seed {entry.seed}): {names}")

@@ -152,6 +152,21 @@ def test_prune_entries_and_pruned_rows_run_as_entries_and_the_report_retrains_no
     assert "alone (a pruned model): dcp (seed 0), dcp-inherit (seed 0)" in _training_line(cmp)
 
 
+def test_a_row_added_to_a_finished_comparison_says_why_it_trained_alone(tmp_path):
+    """The new row joins its seed's lockstep group, whose other rows have finished: it
+    trains alone, and the report says that is why (not that no row shares its data)."""
+    rows = {"student": {}, "spatial": {"distillation": SPATIAL}}
+    path = str(toy_compare(tmp_path, rows, seeds=[0]))
+    assert main(["compare", path, "--quiet"]) == 0
+    toy_compare(tmp_path, {**rows, "spatial-x2": {"distillation": [{**SPATIAL[0], "weight": 2.0}]}},
+                seeds=[0])
+    assert main(["compare", path, "--quiet"]) == 0
+    line = _training_line(tmp_path / "cmp")
+    assert "in lockstep (seed 0, group 1" in line and "student (seed 0), spatial (seed 0)" in line
+    assert ("alone (the other rows of its lockstep group had finished before it): "
+            "spatial-x2 (seed 0)") in line
+
+
 def test_an_entry_refuses_to_run_before_its_dependencies_or_out_of_range(tmp_path, capsys):
     path = str(toy_compare(tmp_path))
     assert main(["compare", path, "--entry", "2"]) == 2
