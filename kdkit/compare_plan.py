@@ -115,10 +115,21 @@ def training_groups(configs: list[RunConfig], lockstep: bool) -> list[list[RunCo
     return [[configs[i] for i in group] for group in lockstep_groups(list(map(row_key, configs)))]
 
 
-def training_chunks(group: list[RunConfig], task: Task, world: World) -> list[list[RunConfig]]:
+def training_chunks(group: list[RunConfig], task: Task,
+                    world: World | None = None) -> list[list[RunConfig]]:
     """``group`` (one of :func:`training_groups`) in chunks that fit ``world``'s device
-    (:func:`kdkit.training.lockstep.lockstep_chunks`; one chunk on the CPU)."""
-    return [group] if len(group) == 1 else lockstep_chunks(group, task, world)
+    (:func:`kdkit.training.lockstep.lockstep_chunks`; one chunk on the CPU). Without
+    ``world``, one is joined for the measurement only when the group has several rows (a
+    row alone needs no process group)."""
+    if len(group) == 1:
+        return [group]
+    if world is not None:
+        return lockstep_chunks(group, task, world)
+    world = setup_world(resolve_device(group[0].train.device))
+    try:
+        return lockstep_chunks(group, task, world)
+    finally:
+        end_world(world)
 
 
 def plan_entries(teacher: RunConfig | None, runs: list[tuple], jobs: dict,
@@ -192,11 +203,7 @@ def _train_unit(entry: Entry, todo: list[RunConfig], task: Task, lockstep: bool,
     """Train ``todo`` (the unfinished rows of a ``train`` entry) in chunks that fit the
     device, recording how each trained."""
     labels = {run.out_dir: label for label, run in zip(entry.rows, entry.runs)}
-    world = setup_world(resolve_device(todo[0].train.device))
-    try:
-        chunks = training_chunks(todo, task, world)
-    finally:
-        end_world(world)
+    chunks = training_chunks(todo, task)
     for part, chunk in enumerate(chunks, 1):
         _stop_between_runs()
         names = ", ".join(labels[run.out_dir] for run in chunk)
