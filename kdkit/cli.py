@@ -143,15 +143,15 @@ def _write_plan(args: argparse.Namespace, config, task) -> int:
     from kdkit.compare import comparison_entries
     from kdkit.compare_plan import plan_document
 
-    entries = comparison_entries(config, task, args.w2)
-    document = plan_document(entries, _compare_argv(args), config.out_dir)
+    entries, argv = comparison_entries(config, task, args.w2), _compare_argv(args)
+    document = plan_document(entries, argv, config.out_dir)
     Path(args.plan).parent.mkdir(parents=True, exist_ok=True)
     Path(args.plan).write_text(json.dumps(document, indent=1) + "\n")
     levels = "; ".join(f"level {level['level']}: " + (
         f"entry {level['first']}" if level["first"] == level["last"]
         else f"entries {level['first']}-{level['last']}") for level in document["levels"])
     print(f"wrote {args.plan}: {len(entries)} entries ({levels})\n"
-          f"run one:     {shlex.join(['kdkit', *_compare_argv(args), '--entry', 'I'])}  "
+          f"run one:     {shlex.join(['kdkit', *argv, '--entry', 'I'])}  "
           "(after the entries of its depends_on: those of earlier levels)\n"
           f"then report: {document['report']}")
     return 0
