@@ -110,7 +110,8 @@ def _predict(args: argparse.Namespace) -> int:
     run, task, model, device = _load_trained(args)
     if not hasattr(task, "predict"):
         raise ConfigError(f"the task {run.task!r} does not implement predict")
-    written = task.predict(model, args.image, args.guide, args.output, run.data, device)
+    written = task.predict(model, args.image, args.guide, args.output, run.data, device,
+                           args.long_side)
     print(f"wrote {len(written)} prediction(s) to {args.output}")
     return 0
 
@@ -302,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="per-image guides, for tasks that take one (such as a trimap): a "
                               "file, or a folder of them named like the images")
     predict.add_argument("--output", required=True, help="folder for the predictions")
+    predict.add_argument("--long-side", type=int, metavar="PIXELS",
+                         help="run the network on each image resized so that its longer side "
+                              "has PIXELS pixels (a model trained on small crops then sees a "
+                              "photo at the scale it learned); predictions are written at "
+                              "full resolution (default: the network sees full resolution)")
     predict.set_defaults(run=_predict)
 
     export = commands.add_parser("export", help="write trained weights as an ONNX model",

@@ -78,10 +78,13 @@ class Task(Protocol):
         panels for the first sample of ``batch`` (inputs, truth, then each prediction)."""
 
     def predict(self, model: nn.Module, inputs: str, guides: str | None, output: str,
-                data: dict[str, Any], device: torch.device) -> list:
+                data: dict[str, Any], device: torch.device,
+                long_side: int | None = None) -> list:
         """Optional (``kdkit predict``): run ``model`` on image files or folders (with a
         per-image guide such as a trimap, for tasks that take one), write results into
-        ``output``, return the written paths."""
+        ``output`` at the inputs' resolution, return the written paths. ``long_side``
+        (``--long-side``): the network sees each input resized so that its longer side has
+        that many pixels (:mod:`kdkit.rescale`)."""
 
     def write_synthetic(self, out: str, n: int, size: int, seed: int,
                         backgrounds: str | None = None) -> Any:

@@ -160,6 +160,30 @@ def test_the_config_adds_the_refinement_stage():
         MattingTask().build_model({**spec, "refine_channels": -1})
 
 
+def test_decoder_relu_is_dims_own_decoder():
+    """``decoder_relu`` adds no parameter and puts a ReLU after every decoder stage but the
+    last (whose output is the alpha's logit): with the same weights, the deepest stage's
+    output is the plain model's, clipped at zero, and the alphas differ."""
+    torch.manual_seed(0)
+    plain = DIM(SMALL).eval()
+    relu = DIM(DIMSpec(SMALL.encoder, SMALL.decoder, decoder_relu=True)).eval()
+    relu.load_state_dict(plain.state_dict())  # strict: the same parameters and buffers
+    assert [relu.get_submodule(f"deconv{k}").relu is not None for k in (5, 4, 3, 2, 1)] == [
+        True, True, True, True, False]
+    outputs = {}
+    for name, model in (("plain", plain), ("relu", relu)):
+        model.deconv5.register_forward_hook(
+            lambda module, args, out, name=name: outputs.__setitem__(name, out))
+    x = torch.randn(2, 4, 64, 64)
+    alpha_plain, alpha_relu = plain(x), relu(x)
+    assert (outputs["plain"] < 0).any()
+    torch.testing.assert_close(outputs["relu"], outputs["plain"].clamp(min=0))
+    assert not torch.allclose(alpha_plain, alpha_relu)
+    spec = {"name": "dim", "encoder_channels": [list(b) for b in SMALL.encoder],
+            "decoder_channels_dim": list(SMALL.decoder), "decoder_relu": True}
+    assert MattingTask().build_model(spec).deconv2.relu is not None
+
+
 @pytest.mark.parametrize("encoder", ["resnet18", "mobilenetv2_100"])
 def test_timm_encoder_model(encoder):
     model = TimmMatting(encoder).eval()

@@ -6,7 +6,8 @@ encoder conv is 3×3 conv → BN → ReLU and every encoder block ends in a 2×2
 keeps its indices; every decoder stage unpools with the matching indices and applies a 5×5
 conv → BN (no ReLU). No skip connections; the SPKD models have no refinement stage, and
 ``DIMSpec.refine`` adds DIM's own (:class:`Refinement`: full-resolution convs on the input and
-the coarse alpha). Both DIM sizes come from one :class:`DIMSpec`, so other widths and depths
+the coarse alpha); ``DIMSpec.decoder_relu`` adds DIM's own ReLU after each decoder stage but
+the last. Both DIM sizes come from one :class:`DIMSpec`, so other widths and depths
 are a config change.
 
 Stable module names (for :class:`kdkit.Distiller` terms):
@@ -15,7 +16,8 @@ Stable module names (for :class:`kdkit.Distiller` terms):
                        layers); conv{k}.adapter: its 1×1 adapter, when the model has them
     conv{k}.units.{j}  the j-th conv → BN → ReLU of block k (``.conv``, ``.bn``, ``.relu``);
                        the BN of the last unit is the OFD point of block k
-    deconv{k}          decoder stage k (deconv5 is the deepest), output after its BN
+    deconv{k}          decoder stage k (deconv5 is the deepest), output after its BN (and
+                       its ReLU, ``deconv{k}.relu``, with ``decoder_relu``)
     refine             the refinement stage, when the spec has one (its output: the
                        correction of the alpha's logit)
 
@@ -52,11 +54,14 @@ MULTIPLE = 32
 class DIMSpec:
     """Encoder blocks (channels of each 3×3 conv) and decoder stages (5×5 conv channels,
     deepest first; the last is the output channel); ``refine``: the channels of DIM's
-    refinement stage (0: none, the SPKD papers' models)."""
+    refinement stage (0: none, the SPKD papers' models); ``decoder_relu``: a ReLU after
+    each decoder stage but the last, as in DIM's own decoder (the SPKD papers' has none, so
+    their decoder is linear between the unpoolings)."""
 
     encoder: tuple[tuple[int, ...], ...]
     decoder: tuple[int, ...]
     refine: int = 0
+    decoder_relu: bool = False
 
     def __post_init__(self):
         if len(self.encoder) != len(self.decoder):
@@ -152,15 +157,18 @@ def unpool2x(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderStage(nn.Module):
-    """Max-unpool with the encoder's indices, then 5×5 conv → BN (no ReLU)."""
+    """Max-unpool with the encoder's indices, then 5×5 conv → BN, and a ReLU when ``relu``
+    (DIM's own decoder; the SPKD papers' stages have none)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, relu: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 5, padding=2)
         self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU() if relu else None
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(unpool2x(x, indices)))
+        x = self.bn(self.conv(unpool2x(x, indices)))
+        return x if self.relu is None else self.relu(x)
 
 
 class Refinement(nn.Module):
@@ -200,7 +208,8 @@ class DIM(nn.Module):
             self.add_module(f"conv{k}", EncoderBlock(channels, block, adapters.get(k)))
             channels = block[-1]
         for k, out in zip(range(len(spec.decoder), 0, -1), spec.decoder):
-            self.add_module(f"deconv{k}", DecoderStage(channels, out))
+            relu = spec.decoder_relu and k > 1  # the last stage gives the alpha's logit
+            self.add_module(f"deconv{k}", DecoderStage(channels, out, relu))
             channels = out
         self.depth = len(spec.encoder)
         self.refine = Refinement(in_channels, spec.refine) if spec.refine else None

@@ -24,12 +24,14 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from kdkit.config import ConfigError, OneOf, Range, from_mapping, register_checks
 from kdkit.data import keep_fields, source_pairs
 from kdkit.errors import DataError
+from kdkit.rescale import long_side_size, resize_smooth
 from tasks.matting import data as matting_data
 from tasks.matting.losses import alpha_prediction_loss, composition_loss
 from tasks.matting.metrics import matting_metrics
@@ -42,7 +44,8 @@ from tasks.matting.models import (
     network_input,
 )
 
-__all__ = ["MattingModel", "MattingData", "MattingLoss", "MattingTask", "with_known_regions"]
+__all__ = ["MattingModel", "MattingData", "MattingLoss", "MattingTask", "predict_alpha",
+           "with_known_regions"]
 
 
 @dataclass
@@ -56,6 +59,7 @@ class MattingModel:
     decoder_channels_dim: list[int] | None = None  # dim only
     adapter_channels: list[int] | None = None  # dim only: adapters of blocks 2–5
     refine_channels: int = 0  # dim only: DIM's refinement stage (0: none)
+    decoder_relu: bool = False  # dim only: DIM's own decoder, a ReLU after each stage
     encoder: str = "resnet18"  # timm only
     decoder_channels: int = 64  # timm only
     pretrained: bool = False  # timm only; needs weights available locally
@@ -179,6 +183,24 @@ def _checked_data(spec: dict[str, Any]) -> MattingData:
     return data
 
 
+@torch.no_grad()
+def predict_alpha(model: nn.Module, image: torch.Tensor, trimap: torch.Tensor,
+                  long_side: int | None = None) -> torch.Tensor:
+    """``B×3×H×W`` RGB in [0, 1] and ``B×1×H×W`` trimap (0 / 128 / 255) → ``B×1×H×W``
+    alpha with the trimap's known pixels. With ``long_side`` the network sees the image
+    resized so that its longer side has that many pixels (area averaging; the trimap by
+    nearest neighbour) and its alpha is resized back (bilinear): a model trained on small
+    images then sees a large photo at the scale it learned."""
+    if long_side is None:
+        return with_known_regions(model(network_input(image, trimap)), trimap)
+    height, width = image.shape[-2:]
+    size = long_side_size(height, width, long_side)
+    small_trimap = F.interpolate(trimap, size, mode="nearest")
+    alpha = model(network_input(resize_smooth(image, size), small_trimap))
+    alpha = F.interpolate(alpha, (height, width), mode="bilinear", align_corners=False)
+    return with_known_regions(alpha.clamp(0, 1), trimap)
+
+
 def with_known_regions(alpha: torch.Tensor, trimap: torch.Tensor) -> torch.Tensor:
     """``B×1×H×W`` alpha with the trimap's definite background (0) and foreground (255)
     pixels set to 0 and 1."""
@@ -206,7 +228,8 @@ class MattingTask:
                 raise ConfigError("model.name 'dim' needs model.encoder_channels and "
                                   "model.decoder_channels_dim")
             spec = DIMSpec(tuple(tuple(block) for block in model.encoder_channels),
-                           tuple(model.decoder_channels_dim), model.refine_channels)
+                           tuple(model.decoder_channels_dim), model.refine_channels,
+                           model.decoder_relu)
             return DIM(spec, adapter_channels=model.adapter_channels)
         return TimmMatting(model.encoder, model.decoder_channels, model.pretrained)  # timm
 
@@ -297,9 +320,11 @@ class MattingTask:
 
     @torch.no_grad()
     def predict(self, model: nn.Module, images: str, trimaps: str | None, output: str,
-                data: dict[str, Any], device: torch.device) -> list[Path]:
+                data: dict[str, Any], device: torch.device,
+                long_side: int | None = None) -> list[Path]:
         """Alpha PNGs at full resolution, named like the images; the trimap's known pixels
-        are copied into the prediction (0 or 1)."""
+        are copied into the prediction (0 or 1). ``long_side``: the network sees each image
+        at that size (see :func:`predict_alpha`)."""
         if trimaps is None:
             raise ConfigError("matting needs a trimap per image: pass --guide FILE_OR_FOLDER")
         unknown = from_mapping(MattingData, data, "data").unknown_value
@@ -316,7 +341,7 @@ class MattingTask:
                                  f"{image_path} is {image.shape[1]}×{image.shape[0]}")
             x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255).to(device)
             t = torch.from_numpy(trimap)[None, None].float().to(device)
-            alpha = with_known_regions(model(network_input(x, t)), t)[0, 0].float().cpu().numpy()
+            alpha = predict_alpha(model, x, t, long_side)[0, 0].float().cpu().numpy()
             target = out_dir / f"{image_path.stem}.png"
             if not cv2.imwrite(str(target), np.round(alpha * 255).astype(np.uint8)):
                 raise OSError(f"could not write {target}")

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from kdkit.config import ConfigError, OneOf, Range, from_mapping, register_checks
 from kdkit.data import read_image, source_files
+from kdkit.rescale import long_side_size, resize_smooth
 from tasks.segmentation import data as seg_data
 from tasks.segmentation.metrics import segmentation_metrics, update_segmentation_metrics
 from tasks.segmentation.models import SegmentationFPN
@@ -162,8 +163,11 @@ class SegmentationTask:
 
     @torch.no_grad()
     def predict(self, model: nn.Module, images: str, guides: str | None, output: str,
-                data: dict[str, Any], device: torch.device) -> list[Path]:
-        """Label maps at full resolution as VOC-coloured PNGs, named like the images."""
+                data: dict[str, Any], device: torch.device,
+                long_side: int | None = None) -> list[Path]:
+        """Label maps at full resolution as VOC-coloured PNGs, named like the images; with
+        ``long_side`` the network sees each image resized so that its longer side has that
+        many pixels, and its class scores are resized back (bilinear) before the argmax."""
         if guides is not None:
             raise ConfigError("segmentation takes no per-image guide; drop --guide")
         out_dir = Path(output)
@@ -171,7 +175,13 @@ class SegmentationTask:
         model.eval()
         for image_path in source_files(images):
             image = torch.from_numpy(read_image(image_path)).permute(2, 0, 1)[None]
-            logits = model(image.float().div(255).to(device))
+            image = image.float().div(255).to(device)
+            if long_side is None:
+                logits = model(image)
+            else:
+                size = long_side_size(*image.shape[-2:], long_side)
+                logits = F.interpolate(model(resize_smooth(image, size)), image.shape[-2:],
+                                       mode="bilinear", align_corners=False)
             target = out_dir / f"{image_path.stem}.png"
             seg_data.write_mask(target, logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8))
             written.append(target)
