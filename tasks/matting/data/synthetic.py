@@ -2,9 +2,11 @@
 
 A sample is made hard in the ways real matting is hard:
 
-- **sub-pixel strands** (hair/fur): smooth random curves growing out of the body, drawn with
+- **sub-pixel strands**: smooth random curves growing out of the body, drawn with
   ``cv2.polylines`` (``LINE_AA``, thickness 1) at :data:`SUPERSAMPLE`× the resolution and
-  reduced with ``INTER_AREA``, so a strand covers a fraction of a pixel;
+  reduced with ``INTER_AREA``, so a strand covers a fraction of a pixel; half the samples
+  have sparse hair (half its colour its own), the other half dense fur in the body's
+  colours, whose coverage falls from nearly 1 at the body to single strands at the tips;
 - **a solid body**: a union of ellipses whose edge is defocused (Gaussian) or motion-blurred
   (line kernel) on one side only;
 - **a semi-transparent veil** (glass/smoke): a soft region with a smoothly varying alpha in
@@ -187,11 +189,15 @@ def _veil_alpha(rng: np.random.Generator, size: int, ellipses: np.ndarray) -> np
     return upsample(soft * level, size)
 
 
-def _strand_alpha(rng: np.random.Generator, size: int, ellipses: np.ndarray) -> np.ndarray:
-    """Coverage of 0.3·size–0.7·size hair strands rooted on an arc of the body's outline:
-    smooth random curves of 12 points drawn with ``cv2.polylines`` (``LINE_AA``, thickness
-    1) at ``SUPERSAMPLE``× and reduced with ``INTER_AREA``."""
-    count = int(size * rng.uniform(0.3, 0.7))
+def _strand_alpha(rng: np.random.Generator, size: int, ellipses: np.ndarray,
+                  fur: bool) -> np.ndarray:
+    """Coverage of strands rooted on an arc of the body's outline: smooth random curves of
+    12 points drawn with ``cv2.polylines`` (``LINE_AA``, thickness 1) at ``SUPERSAMPLE``×
+    and reduced with ``INTER_AREA``. Hair: 0.3·size–0.7·size strands of 6–20 % of ``size``,
+    mostly apart; ``fur``: 2·size–5·size shorter ones (4–12 %) that overlap near the body,
+    so coverage runs from nearly 1 at the roots to single sub-pixel strands at the tips."""
+    count = int(size * (rng.uniform(2, 5) if fur else rng.uniform(0.3, 0.7)))
+    lengths = (0.04, 0.12) if fur else (0.06, 0.2)
     points = 12
     which = rng.integers(len(ellipses), size=count)
     cx, cy, ax, ay, angle = (ellipses[which, i] for i in range(5))
@@ -204,7 +210,7 @@ def _strand_alpha(rng: np.random.Generator, size: int, ellipses: np.ndarray) -> 
     heading = np.arctan2(s * nx + c * ny, c * nx - s * ny) + rng.normal(0, 0.35, size=count)
     bend = rng.normal(0, 0.08, size=(count, 1)) + rng.normal(0, 0.06, size=(count, points))
     theta = heading[:, None] + np.cumsum(bend, axis=1)
-    step = size * rng.uniform(0.06, 0.2, size=(count, 1)) / points * np.ones((1, points))
+    step = size * rng.uniform(*lengths, size=(count, 1)) / points * np.ones((1, points))
     step[:, 0] = -0.02 * size  # the root starts a little inside the body
     path = root[:, None, :] + np.cumsum(
         step[..., None] * np.stack([np.cos(theta), np.sin(theta)], axis=-1), axis=1
@@ -239,19 +245,21 @@ def synthesize(seed: int, size: int = 512, *, backgrounds: str = "natural",
     else:
         bg, body, bg_source, fg_source = _photo_layers(rng, size, backgrounds, seed_split(seed),
                                                        colours)
-    hair_colour = colours[rng.integers(256), 0].astype(np.float32)  # hair = ½ body + ½ this
+    hair_colour = colours[rng.integers(256), 0].astype(np.float32)
     veil_colour = colours[rng.integers(256), 0].astype(np.float32)
+    fur = bool(rng.random() < 0.5)  # dense fur in the body's colours, or hair
+    hair_share = rng.uniform(0, 0.25) if fur else 0.5  # of hair_colour in the strands
     ellipses = _ellipses(rng, size)
     a_veil = _veil_alpha(rng, size, ellipses)
     a_body = _body_alpha(rng, size, ellipses)
-    a_hair = _strand_alpha(rng, size, ellipses)
+    a_hair = _strand_alpha(rng, size, ellipses, fur)
 
     # veil, body, hair stacked bottom to top with "over": premultiplied weight of each layer
     w_body = (1 - a_hair) * a_body
     w_veil = (1 - a_hair) * (1 - a_body) * a_veil
     coverage = a_hair + w_body + w_veil
     inverse = 1 / np.maximum(coverage, np.float32(1e-12))
-    w_hair_colour = 0.5 * a_hair * inverse  # share of the hair's own colour in fg
+    w_hair_colour = hair_share * a_hair * inverse  # share of the hair's own colour in fg
     w_veil *= inverse
     planes = []
     for channel, plane in enumerate(cv2.split(body)):
