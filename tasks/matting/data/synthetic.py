@@ -4,9 +4,9 @@ A sample is made hard in the ways real matting is hard:
 
 - **sub-pixel strands**: smooth random curves growing out of the body, drawn with
   ``cv2.polylines`` (``LINE_AA``, thickness 1) at :data:`SUPERSAMPLE`× the resolution and
-  reduced with ``INTER_AREA``, so a strand covers a fraction of a pixel; half the samples
-  have sparse hair (half its colour its own), the other half dense fur in the body's
-  colours, whose coverage falls from nearly 1 at the body to single strands at the tips;
+  reduced with ``INTER_AREA``, so a strand covers a fraction of a pixel: sparse hair (half
+  its colour its own) or, in half the samples on photos, dense fur in the body's colours,
+  whose coverage falls from nearly 1 at the body to single strands at the tips;
 - **a solid body**: a union of ellipses whose edge is defocused (Gaussian) or motion-blurred
   (line kernel) on one side only;
 - **a semi-transparent veil** (glass/smoke): a soft region with a smoothly varying alpha in
@@ -247,7 +247,8 @@ def synthesize(seed: int, size: int = 512, *, backgrounds: str = "natural",
                                                        colours)
     hair_colour = colours[rng.integers(256), 0].astype(np.float32)
     veil_colour = colours[rng.integers(256), 0].astype(np.float32)
-    fur = bool(rng.random() < 0.5)  # dense fur in the body's colours, or hair
+    # dense fur in the body's colours, or hair (procedural: hair only, the original benchmark)
+    fur = backgrounds != PROCEDURAL and bool(rng.random() < 0.5)
     hair_share = rng.uniform(0, 0.25) if fur else 0.5  # of hair_colour in the strands
     ellipses = _ellipses(rng, size)
     a_veil = _veil_alpha(rng, size, ellipses)
