@@ -125,6 +125,22 @@ def test_synthetic_sample_has_subpixel_strands(samples):
         assert ridges.sum() >= 30
 
 
+def test_fur_is_dense_at_the_body_and_single_strands_at_the_tips():
+    """Fur's strands overlap into coverage above one half near the body, where hair's stay
+    apart, and both end in sub-pixel strands."""
+    from tasks.matting.data.synthetic import _ellipses, _strand_alpha
+
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        ellipses = _ellipses(rng, 96)
+        hair, fur = (_strand_alpha(np.random.default_rng(seed), 96, ellipses, dense)
+                     for dense in (False, True))
+        assert (fur >= 0.5).sum() > 5 * (hair >= 0.5).sum()
+        assert fur.sum() > 2 * hair.sum()
+        for alpha in (hair, fur):
+            assert ((alpha > 0) & (alpha < 0.3)).sum() > 100
+
+
 def test_synthetic_fg_and_bg_share_colours(samples):
     overlaps = []
     for s in samples:

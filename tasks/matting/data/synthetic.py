@@ -6,7 +6,7 @@ A sample is made hard in the ways real matting is hard:
   ``cv2.polylines`` (``LINE_AA``, thickness 1) at :data:`SUPERSAMPLE`× the resolution and
   reduced with ``INTER_AREA``, so a strand covers a fraction of a pixel: sparse hair (half
   its colour its own) or, in half the samples on photos, dense fur in the body's colours,
-  whose coverage falls from nearly 1 at the body to single strands at the tips;
+  whose coverage falls from above one half at the body to single strands at the tips;
 - **a solid body**: a union of ellipses whose edge is defocused (Gaussian) or motion-blurred
   (line kernel) on one side only;
 - **a semi-transparent veil** (glass/smoke): a soft region with a smoothly varying alpha in
@@ -195,7 +195,8 @@ def _strand_alpha(rng: np.random.Generator, size: int, ellipses: np.ndarray,
     12 points drawn with ``cv2.polylines`` (``LINE_AA``, thickness 1) at ``SUPERSAMPLE``×
     and reduced with ``INTER_AREA``. Hair: 0.3·size–0.7·size strands of 6–20 % of ``size``,
     mostly apart; ``fur``: 2·size–5·size shorter ones (4–12 %) that overlap near the body,
-    so coverage runs from nearly 1 at the roots to single sub-pixel strands at the tips."""
+    so coverage runs from above one half near the roots to single sub-pixel strands at
+    the tips."""
     count = int(size * (rng.uniform(2, 5) if fur else rng.uniform(0.3, 0.7)))
     lengths = (0.04, 0.12) if fur else (0.06, 0.2)
     points = 12
