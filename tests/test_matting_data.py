@@ -413,6 +413,25 @@ def test_train_transform_outputs(samples):
         TrainTransform(seed=0)({"image": small["image"]})
 
 
+def test_trimap_kernel_sets_the_training_trimaps_erosion():
+    """``data.trimap_kernel: [1, 1]`` erodes nothing: the training trimap's unknown region
+    is exactly the fractional alpha (no resize at one crop size); a reversed range is a
+    config error naming the key."""
+    from kdkit.errors import ConfigError
+    from tasks.matting.task import MattingTask
+
+    spec = {"kind": "synthetic", "train_length": 3, "test_length": 1, "size": 64,
+            "crop_sizes": [64], "output_size": 64, "trimap_kernel": [1, 1]}
+    narrow = MattingTask().datasets(spec)[0]
+    for item in narrow:
+        alpha, trimap = item["alpha"][0], item["trimap"][0]
+        torch.testing.assert_close(trimap == 128, (alpha > 0) & (alpha < 1))
+    wide = MattingTask().datasets({**spec, "trimap_kernel": [29, 30]})[0]
+    assert (wide[0]["trimap"] == 128).sum() > (narrow[0]["trimap"] == 128).sum()
+    with pytest.raises(ConfigError, match=r"data.trimap_kernel is \[low, high\].*\[5, 2\]"):
+        MattingTask().datasets({**spec, "trimap_kernel": [5, 2]})
+
+
 def test_train_crop_is_centred_on_an_unknown_pixel():
     alpha = np.zeros((200, 200), np.float32)
     alpha[95:105, 90:110] = 1.0

@@ -113,6 +113,8 @@ class MattingData:
     fields: list[str] = field(default_factory=lambda: list(FIELDS))
     pool: int | None = None  # synthetic: training samples made once and reused
     backgrounds: str = "natural"  # synthetic: natural | procedural | a folder of photos
+    # training trimaps: erosion kernel sizes [low, high] in pixels (DIM's, for 1000-px photos)
+    trimap_kernel: list[int] = field(default_factory=lambda: [1, 30])
 
 
 register_checks(
@@ -127,6 +129,7 @@ register_checks(
     fields=OneOf(FIELDS),
     pool=Range(1, note="or null to make every training sample anew"),
     backgrounds=BackgroundsCheck(),
+    trimap_kernel=Range(1),
 )
 
 
@@ -180,6 +183,9 @@ def _checked_data(spec: dict[str, Any]) -> MattingData:
         raise ConfigError(f"data.pool applies to synthetic data, found data.kind "
                           f"{data.kind!r}; remove data.pool (folder samples are read, not "
                           "made)")
+    if len(data.trimap_kernel) != 2 or data.trimap_kernel[0] > data.trimap_kernel[1]:
+        raise ConfigError(f"data.trimap_kernel is [low, high] with low <= high (erosion "
+                          f"kernel sizes in pixels), found {data.trimap_kernel}")
     return data
 
 
@@ -238,7 +244,7 @@ class MattingTask:
         # training trimaps are redrawn from alpha, directly in the task's convention
         train_transform = matting_data.TrainTransform(
             crop_sizes=tuple(data.crop_sizes), output_size=data.output_size,
-            unknown_value=UNKNOWN)
+            unknown_value=UNKNOWN, trimap_kernel=tuple(data.trimap_kernel))
         eval_transform = _CanonicalTrimap(
             matting_data.EvalTransform(unknown_value=data.unknown_value), data.unknown_value)
         if data.kind == "synthetic":

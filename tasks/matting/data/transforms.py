@@ -53,8 +53,8 @@ class TrainTransform:
     Steps, in this order of random draws:
 
     1. a new trimap from the alpha with
-       :func:`~tasks.matting.data.trimaps.random_trimap` (unknown value ``unknown_value``;
-       the dataset's trimap is replaced);
+       :func:`~tasks.matting.data.trimaps.random_trimap` (unknown value ``unknown_value``,
+       erosion kernels drawn from ``trimap_kernel``; the dataset's trimap is replaced);
     2. a crop size ``c`` from ``crop_sizes``; arrays smaller than ``c×c`` are mirror-padded;
     3. a ``c×c`` crop centred on a random unknown pixel (any pixel if there is none),
        shifted as little as needed to stay inside the image, so that pixel stays in it;
@@ -72,6 +72,7 @@ class TrainTransform:
         output_size: int = 320,
         unknown_value: int = DEFAULT_UNKNOWN,
         seed: int | None = None,
+        trimap_kernel: tuple[int, int] = (1, 30),
     ) -> None:
         if not crop_sizes or min(crop_sizes) < 1 or output_size < 1:
             raise DataError(
@@ -82,6 +83,7 @@ class TrainTransform:
         self.crop_sizes = tuple(int(c) for c in crop_sizes)
         self.output_size = output_size
         self.unknown_value = check_unknown_value(unknown_value)
+        self.trimap_kernel = trimap_kernel
         self.seed = seed
         self._generator = WorkerRNG(seed)
 
@@ -94,7 +96,8 @@ class TrainTransform:
             )
         rng = self._generator()
         out = dict(sample)
-        out["trimap"] = random_trimap(sample["alpha"], rng, unknown_value=self.unknown_value)
+        out["trimap"] = random_trimap(sample["alpha"], rng, self.trimap_kernel,
+                                      unknown_value=self.unknown_value)
         keys = [key for key in (*_COLOUR_KEYS, "alpha", "trimap") if key in out]
 
         crop = int(rng.choice(self.crop_sizes))
