@@ -7,12 +7,14 @@ pixels shows it at the scale the model learned, and the prediction is resized ba
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from kdkit.errors import ConfigError
 
-__all__ = ["long_side_size", "resize_smooth"]
+__all__ = ["at_long_side", "long_side_size", "resize_smooth"]
 
 
 def long_side_size(height: int, width: int, long_side: int) -> tuple[int, int]:
@@ -30,3 +32,19 @@ def resize_smooth(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if size[0] <= x.shape[-2] and size[1] <= x.shape[-1]:
         return F.interpolate(x, size, mode="area")
     return F.interpolate(x, size, mode="bilinear", align_corners=False)
+
+
+def at_long_side(forward: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                 image: torch.Tensor, long_side: int | None,
+                 guide: torch.Tensor | None = None) -> torch.Tensor:
+    """``forward(image, guide)`` → ``B×K×H×W`` for a ``B×C×H×W`` ``image``, run on the image
+    shown at ``long_side`` (:func:`resize_smooth`; the ``guide``, such as a trimap, by
+    nearest neighbour) and its output resized back to ``H×W`` (bilinear). ``None``: at
+    full resolution, as it is."""
+    if long_side is None:
+        return forward(image, guide)
+    height, width = image.shape[-2:]
+    size = long_side_size(height, width, long_side)
+    small_guide = None if guide is None else F.interpolate(guide, size, mode="nearest")
+    out = forward(resize_smooth(image, size), small_guide)
+    return F.interpolate(out, (height, width), mode="bilinear", align_corners=False)

@@ -24,14 +24,13 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from kdkit.config import ConfigError, OneOf, Range, from_mapping, register_checks
 from kdkit.data import keep_fields, source_pairs
 from kdkit.errors import DataError
-from kdkit.rescale import long_side_size, resize_smooth
+from kdkit.rescale import at_long_side
 from tasks.matting import data as matting_data
 from tasks.matting.losses import alpha_prediction_loss, composition_loss
 from tasks.matting.metrics import matting_metrics
@@ -197,13 +196,7 @@ def predict_alpha(model: nn.Module, image: torch.Tensor, trimap: torch.Tensor,
     resized so that its longer side has that many pixels (area averaging; the trimap by
     nearest neighbour) and its alpha is resized back (bilinear): a model trained on small
     images then sees a large photo at the scale it learned."""
-    if long_side is None:
-        return with_known_regions(model(network_input(image, trimap)), trimap)
-    height, width = image.shape[-2:]
-    size = long_side_size(height, width, long_side)
-    small_trimap = F.interpolate(trimap, size, mode="nearest")
-    alpha = model(network_input(resize_smooth(image, size), small_trimap))
-    alpha = F.interpolate(alpha, (height, width), mode="bilinear", align_corners=False)
+    alpha = at_long_side(lambda x, t: model(network_input(x, t)), image, long_side, trimap)
     return with_known_regions(alpha.clamp(0, 1), trimap)
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from kdkit.config import ConfigError, OneOf, Range, from_mapping, register_checks
 from kdkit.data import read_image, source_files
-from kdkit.rescale import long_side_size, resize_smooth
+from kdkit.rescale import at_long_side
 from tasks.segmentation import data as seg_data
 from tasks.segmentation.metrics import segmentation_metrics, update_segmentation_metrics
 from tasks.segmentation.models import SegmentationFPN
@@ -176,12 +176,7 @@ class SegmentationTask:
         for image_path in source_files(images):
             image = torch.from_numpy(read_image(image_path)).permute(2, 0, 1)[None]
             image = image.float().div(255).to(device)
-            if long_side is None:
-                logits = model(image)
-            else:
-                size = long_side_size(*image.shape[-2:], long_side)
-                logits = F.interpolate(model(resize_smooth(image, size)), image.shape[-2:],
-                                       mode="bilinear", align_corners=False)
+            logits = at_long_side(lambda x, _: model(x), image, long_side)
             target = out_dir / f"{image_path.stem}.png"
             seg_data.write_mask(target, logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8))
             written.append(target)
