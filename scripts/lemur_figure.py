@@ -43,17 +43,20 @@ def lemur() -> tuple[np.ndarray, np.ndarray]:
     return read_image(LEMUR / "lemur.png"), np.where(trimap == UNKNOWN_VALUE, 128, trimap)
 
 
-def teacher_matte(directory: Path, long_side: int | None) -> np.ndarray:
-    """The shipped teacher's ``H×W`` alpha in [0, 1], through ``task.predict`` (as
-    ``kdkit predict --long-side``)."""
+def teacher_mattes(directory: Path, long_sides: list[int | None]) -> dict:
+    """The shipped teacher's ``H×W`` alpha in [0, 1] at each of ``long_sides``, through
+    ``task.predict`` (as ``kdkit predict --long-side``; ``None``: full resolution)."""
     run = load_run_config(CONFIG)
     task = load_task(run.task)
     model = load_weights(build_model(task, run.model), WEIGHTS).eval()
     data = {**run.data, "unknown_value": UNKNOWN_VALUE}
-    [path] = task.predict(model, str(LEMUR / "lemur.png"), str(LEMUR / "lemur_trimap.png"),
-                          str(directory / str(long_side)), data, torch.device("cpu"),
-                          long_side)
-    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+    mattes = {}
+    for long_side in long_sides:
+        [path] = task.predict(model, str(LEMUR / "lemur.png"),
+                              str(LEMUR / "lemur_trimap.png"), str(directory / str(long_side)),
+                              data, torch.device("cpu"), long_side)
+        mattes[long_side] = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+    return mattes
 
 
 def closed_form_matte(image: np.ndarray, trimap: np.ndarray) -> np.ndarray:
@@ -71,13 +74,13 @@ def main() -> None:
     args = parser.parse_args()
     image, trimap = lemur()
     unknown = trimap == 128
-    full = teacher_matte(Path("runs/lemur"), None)
-    scaled = teacher_matte(Path("runs/lemur"), args.long_side)
+    teacher = teacher_mattes(Path("runs/lemur"), list(dict.fromkeys(
+        [*SWEEP, args.long_side])))
     start = time.perf_counter()
     closed = closed_form_matte(image, trimap)
     seconds = time.perf_counter() - start
     grey = [cv2.cvtColor(np.rint(a * 255).astype(np.uint8), cv2.COLOR_GRAY2RGB)
-            for a in (trimap / 255, full, scaled, closed)]
+            for a in (trimap / 255, teacher[None], teacher[args.long_side], closed)]
     sheet = np.concatenate([image, *grey], axis=1)
     cv2.imwrite(args.out, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
     print(provenance_line())
@@ -86,8 +89,8 @@ def main() -> None:
     print(f"mean alpha in the unknown band ({unknown.sum()} px): closed form "
           f"{closed[unknown].mean():.4f} ({seconds:.1f} s); the shipped teacher at")
     for long_side in SWEEP:
-        alpha = teacher_matte(Path("runs/lemur"), long_side)
-        print(f"  --long-side {long_side or 'none (680)'}: {alpha[unknown].mean():.4f}")
+        print(f"  --long-side {long_side or 'none (680)'}: "
+              f"{teacher[long_side][unknown].mean():.4f}")
 
 
 if __name__ == "__main__":
