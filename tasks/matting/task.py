@@ -4,7 +4,8 @@ Config sections (see ``tasks/matting/configs/``):
 
     model:  {name: dim_teacher | dim_student | timm, adapters: false, encoder: resnet18}
     data:   {kind: synthetic | folder | composition1k, ...}  (:class:`MattingData`)
-    loss:   {alpha: 1.0, composition: 0.0, teacher_alpha: 0.0}  (:class:`MattingLoss`)
+    loss:   {alpha: 1.0, composition: 0.0, laplacian: 0.0, teacher_alpha: 0.0}
+            (:class:`MattingLoss`)
 
 A batch is a dict with ``image`` (``B×3×H×W`` in [0, 1]), ``alpha`` (``B×1×H×W``),
 ``trimap`` (``B×1×H×W`` with values 0 / 128 / 255) and, when the data has them and
@@ -32,7 +33,7 @@ from kdkit.data import keep_fields, source_pairs
 from kdkit.errors import DataError
 from kdkit.rescale import at_long_side
 from tasks.matting import data as matting_data
-from tasks.matting.losses import alpha_prediction_loss, composition_loss
+from tasks.matting.losses import alpha_prediction_loss, composition_loss, laplacian_loss
 from tasks.matting.metrics import matting_metrics
 from tasks.matting.models import (
     DIM,
@@ -135,11 +136,13 @@ register_checks(
 @dataclass
 class MattingLoss:
     """``loss:`` section: weights of the alpha-prediction loss against the ground truth,
-    the composition loss, and the alpha-prediction loss against the teacher's alpha (the
-    SPKD papers' objective is ``alpha: 0.5, teacher_alpha: 0.5`` plus feature terms)."""
+    the composition loss, the Laplacian loss against the ground truth, and the
+    alpha-prediction loss against the teacher's alpha (the SPKD papers' objective is
+    ``alpha: 0.5, teacher_alpha: 0.5`` plus feature terms)."""
 
     alpha: float = 1.0
     composition: float = 0.0
+    laplacian: float = 0.0
     teacher_alpha: float = 0.0
 
 
@@ -285,6 +288,9 @@ class MattingTask:
                                   "loss.composition to 0")
             terms["composition"] = weights.composition * composition_loss(
                 prediction, batch["image"], batch["fg"], batch["bg"], trimap, UNKNOWN)
+        if weights.laplacian:
+            terms["laplacian"] = weights.laplacian * laplacian_loss(
+                prediction, batch["alpha"], trimap, UNKNOWN)
         if weights.teacher_alpha:
             if teacher_prediction is None:
                 raise ConfigError("loss.teacher_alpha needs a teacher (a distillation run)")
