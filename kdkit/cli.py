@@ -161,6 +161,7 @@ def _write_plan(args: argparse.Namespace, config, task) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from kdkit.compare import comparison_entries, load_compare_config, run_compare
     from kdkit.compare_plan import run_one
+    from kdkit.errors import StaleRunError
     from kdkit.task import load_task
     from kdkit.training.budget import parse_duration
     from kdkit.training.stop import stop_signals
@@ -176,13 +177,19 @@ def _compare(args: argparse.Namespace) -> int:
     task = load_task(config.task)
     if args.plan is not None:
         return _write_plan(args, config, task)
-    if args.entry is not None:
-        entries = comparison_entries(config, task, args.w2)
-        with stop_signals():  # a signal stops the entry's run in flight, checkpointed
-            print(run_one(entries, args.entry, task, config.lockstep, _compare_argv(args),
-                          progress=not args.quiet))
-        return 0
-    run_compare(config, task, args.w2, progress=not args.quiet)
+    try:
+        if args.entry is not None:
+            entries = comparison_entries(config, task, args.w2)
+            with stop_signals():  # a signal stops the entry's run in flight, checkpointed
+                print(run_one(entries, args.entry, task, config.lockstep, _compare_argv(args),
+                              progress=not args.quiet))
+        else:
+            run_compare(config, task, args.w2, progress=not args.quiet)
+    except StaleRunError as error:  # its advice names `kdkit train`: say it for compare
+        raise StaleRunError(
+            f"{error}; from `kdkit compare`: delete that row's folder to train the row again "
+            f"(the other rows keep their runs), delete {config.out_dir} to start the whole "
+            f"comparison over, or pass --out NEW_FOLDER") from None
     return 0
 
 

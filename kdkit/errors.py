@@ -20,6 +20,7 @@ __all__ = [
     "NonFiniteLossError",
     "PlanError",
     "RunFolderError",
+    "StaleRunError",
 ]
 
 
@@ -45,6 +46,11 @@ class CheckpointError(KdkitError, ValueError):
 
 class RunFolderError(KdkitError):
     """A run folder that holds another run (a different config, a finished run)."""
+
+
+class StaleRunError(RunFolderError):
+    """A run folder whose run this config may not resume: its config differs in what a
+    resumed run may not change, or cannot be read."""
 
 
 class PlanError(KdkitError):

@@ -204,3 +204,18 @@ def test_pruning_methods_sparsify_prune_and_retrain_inside_compare(tmp_path):
     assert rows["student"]["kept_params_pct"] == ""
     assert "kept % params" in (tmp_path / "cmp" / "report" / "results.md").read_text()
     assert summary["parameters"]["after"] < summary["parameters"]["before"]
+
+
+def test_a_changed_config_over_old_rows_says_how_to_start_over_from_compare(tmp_path, capsys):
+    path = compare_config(tmp_path)
+    assert main(["compare", str(path), "--quiet"]) == 0
+    changed = yaml.safe_load(path.read_text())
+    changed["base"]["data"]["trimap_kernel"] = [1, 4]  # what a new kdkit's preset may do
+    path.write_text(yaml.safe_dump(changed))
+    capsys.readouterr()
+    assert main(["compare", str(path), "--quiet"]) != 0
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert "data.trimap_kernel" in error  # what changed
+    assert f"delete {tmp_path / 'cmp'} to start the whole comparison over" in error
+    assert "--out NEW_FOLDER" in error

@@ -27,7 +27,7 @@ import yaml
 
 from kdkit.checkpoint import load_checkpoint
 from kdkit.config import ConfigError, RunConfig, load_yaml, run_config_from_mapping
-from kdkit.errors import RunFolderError
+from kdkit.errors import StaleRunError
 from kdkit.training.claim import claim, describe
 from kdkit.training.runlog import remove_logs
 
@@ -112,7 +112,7 @@ class RunFolder:
         try:
             return run_config_from_mapping(load_yaml(self.config), str(self.config))
         except ConfigError as error:
-            raise RunFolderError(f"{self.path} holds a run whose {CONFIG} this kdkit cannot "
+            raise StaleRunError(f"{self.path} holds a run whose {CONFIG} this kdkit cannot "
                                  f"read ({error}); {START_OVER}") from None
 
     def resume_state(self, config: RunConfig, resume: bool,
@@ -126,7 +126,7 @@ class RunFolder:
         saved = self.saved_config()
         problems = [] if saved is None else resume_problems(saved, config, int(state["step"]))
         if problems:
-            raise RunFolderError(
+            raise StaleRunError(
                 f"{self.path} holds a run (checkpoint at step {int(state['step'])}) whose "
                 f"config differs in what a resumed run may not change: {'; '.join(problems)}. "
                 f"Resume it with its own config ({self.config}), or {START_OVER}")
