@@ -2,7 +2,7 @@
 # Train a task's tiny-preset teacher on the CPU and ship it in the package (float16
 # safetensors, with a JSON record of this command, the seed in the config and the test
 # metrics). Usage: scripts/make_tiny_teacher.sh matting|segmentation
-# About half an hour (matting) or a quarter of an hour (segmentation) on 2 cores. Run from
+# About 40 minutes (matting) or a quarter of an hour (segmentation) on 2 cores. Run from
 # the repository root after `make test`.
 set -euo pipefail
 task=${1:?usage: scripts/make_tiny_teacher.sh TASK}
