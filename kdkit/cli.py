@@ -187,9 +187,9 @@ def _compare(args: argparse.Namespace) -> int:
             run_compare(config, task, args.w2, progress=not args.quiet)
     except StaleRunError as error:  # its advice names `kdkit train`: say it for compare
         raise StaleRunError(
-            f"{error}; from `kdkit compare`: delete that row's folder to train the row again "
-            f"(the other rows keep their runs), delete {config.out_dir} to start the whole "
-            f"comparison over, or pass --out NEW_FOLDER") from None
+            error.problem, f"delete that row's folder to train the row again (the other "
+            f"rows keep their runs), delete {config.out_dir} to start the whole comparison "
+            f"over, or pass --out NEW_FOLDER") from None
     return 0
 
 

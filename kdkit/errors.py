@@ -50,7 +50,15 @@ class RunFolderError(KdkitError):
 
 class StaleRunError(RunFolderError):
     """A run folder whose run this config may not resume: its config differs in what a
-    resumed run may not change, or cannot be read."""
+    resumed run may not change, or cannot be read. ``problem`` says which; ``advice`` what
+    to do, in the words of the command that met it (``kdkit compare`` rewords it)."""
+
+    def __init__(self, problem: str, advice: str):
+        super().__init__(problem, advice)  # both in args: the error pickles and unpickles
+        self.problem, self.advice = problem, advice
+
+    def __str__(self) -> str:
+        return f"{self.problem}; {self.advice}"
 
 
 class PlanError(KdkitError):

@@ -219,3 +219,4 @@ def test_a_changed_config_over_old_rows_says_how_to_start_over_from_compare(tmp_
     assert "data.trimap_kernel" in error  # what changed
     assert f"delete {tmp_path / 'cmp'} to start the whole comparison over" in error
     assert "--out NEW_FOLDER" in error
+    assert "--no-resume" not in error  # `kdkit train`'s flag, not compare's

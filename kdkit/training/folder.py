@@ -113,7 +113,7 @@ class RunFolder:
             return run_config_from_mapping(load_yaml(self.config), str(self.config))
         except ConfigError as error:
             raise StaleRunError(f"{self.path} holds a run whose {CONFIG} this kdkit cannot "
-                                 f"read ({error}); {START_OVER}") from None
+                                f"read ({error})", START_OVER) from None
 
     def resume_state(self, config: RunConfig, resume: bool,
                      device: torch.device) -> dict[str, Any] | None:
@@ -128,8 +128,8 @@ class RunFolder:
         if problems:
             raise StaleRunError(
                 f"{self.path} holds a run (checkpoint at step {int(state['step'])}) whose "
-                f"config differs in what a resumed run may not change: {'; '.join(problems)}. "
-                f"Resume it with its own config ({self.config}), or {START_OVER}")
+                f"config differs in what a resumed run may not change: {'; '.join(problems)}",
+                f"resume it with its own config ({self.config}), or {START_OVER}")
         return state
 
     def start_over(self) -> None:
