@@ -52,6 +52,7 @@ __all__ = [
     "load_run_config",
     "run_config_from_mapping",
     "apply_overrides",
+    "distill_steps",
     "register_checks",
 ]
 
@@ -309,7 +310,10 @@ class RunConfig:
     :class:`DistillTerm` mappings) turn the run into distillation. ``sparsity`` (module-name
     prefix → λ) starts the model from ``γ = 0.5, β = 0`` (frozen) and adds
     ``Σ λ·|γ|`` (DCP's sparsify step). ``model`` may name a pruned model:
-    ``{pruned: PATH, reinit: false, <the unpruned model's spec>}``."""
+    ``{pruned: PATH, reinit: false, <the unpruned model's spec>}``. ``distill_until`` (a
+    fraction of ``train.steps``) stops using the teacher after that share of the steps: from
+    then on only the task's ground-truth terms train the student (see
+    :func:`distill_steps`)."""
 
     task: str
     model: dict[str, Any]
@@ -321,6 +325,7 @@ class RunConfig:
     teacher: dict[str, Any] | None = None
     distillation: list[DistillTerm] | None = None
     sparsity: dict[str, float] | None = None  # BN-γ L1 weight per module-name prefix (DCP)
+    distill_until: float | None = None  # share of train.steps that use the teacher
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (YAML-safe), the inverse of :func:`run_config_from_mapping`."""
@@ -350,7 +355,22 @@ register_checks(
     num_workers=NumWorkers(),
     log=OneOf(("jsonl", "tensorboard")),
 )
-register_checks(RunConfig, sparsity=Range(0, note="the L1 weight on BatchNorm γ per prefix"))
+register_checks(
+    RunConfig,
+    sparsity=Range(0, note="the L1 weight on BatchNorm γ per prefix"),
+    distill_until=Range(0, 1, open_low=True,
+                        note="the share of train.steps that use the teacher; 1: all of them"),
+)
+
+
+def distill_steps(run: RunConfig) -> int:
+    """How many of ``run``'s first steps use its teacher: ``⌈distill_until · train.steps⌉``
+    (at least one), all of them without ``distill_until``; 0 without a teacher."""
+    if run.teacher is None:
+        return 0
+    if run.distill_until is None:
+        return run.train.steps
+    return max(1, math.ceil(run.distill_until * run.train.steps))
 register_checks(DistillTerm, weight=Range(
     0, note="a negative weight rewards moving away from the teacher; 0 switches a term off"))
 
@@ -383,6 +403,11 @@ def run_config_from_mapping(data: Any, where: str = "") -> RunConfig:
     run = from_mapping(RunConfig, data, where)
     run.train = train
     run.distillation = load_terms(terms, _key(where, "distillation")) if terms else None
+    if run.distill_until is not None and run.teacher is None:
+        key = _key(where, "distill_until")
+        raise ConfigError(f"{key}: this run has no teacher, so there is no distillation to "
+                          f"stop; remove {key}, or add a teacher: section and the terms to "
+                          "distil (distillation:, or a task loss such as teacher_alpha)")
     return run
 
 

@@ -145,8 +145,8 @@ class Lockstep:
                                     if teacher is not None else (None, []))
 
     def teacher_pass(self, batch) -> TeacherPass | None:
-        """The teacher's pass over ``batch`` under the group's autocast, when any run uses
-        the teacher."""
+        """The teacher's pass over ``batch`` under the group's autocast (``None`` when the
+        group has no teacher)."""
         if self.teacher is None:
             return None
         first = self.runs[0]
@@ -156,8 +156,7 @@ class Lockstep:
 
     def step(self, runs: Sequence[Run], batch) -> list[StepResult]:
         """One step of each of ``runs`` (some of the group's) on the prepared ``batch``."""
-        teacher = self.teacher_pass(batch) if any(r.teacher is not None for r in runs) \
-            else None
+        teacher = self.teacher_pass(batch) if any(r.distilling for r in runs) else None
         return [train_step(run, batch, teacher) for run in runs]
 
 

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from kdkit.checkpoint import load_weights, resolve_path
-from kdkit.config import ConfigError, RunConfig, TrainSettings
+from kdkit.config import ConfigError, RunConfig, TrainSettings, distill_steps
 from kdkit.data import resolve_num_workers
 from kdkit.distiller import Distiller
 from kdkit.distributed import World
@@ -139,6 +139,12 @@ class Run:
         reads a device flag, no host synchronisation) rather than by the host reading the
         loss each step (the CPU, where reading a value waits for nothing)."""
         return skips_on_device(self.device)
+
+    @property
+    def distilling(self) -> bool:
+        """Whether the next step uses the teacher: the run has one and has taken fewer than
+        :func:`~kdkit.config.distill_steps` steps."""
+        return self.teacher is not None and self.step < distill_steps(self.config)
 
     @property
     def finished(self) -> bool:

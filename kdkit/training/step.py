@@ -40,7 +40,7 @@ from kdkit.pruning import bn_l1_penalty
 from kdkit.training.run import Run
 
 __all__ = ["MAX_CONSECUTIVE_SKIPS", "StepResult", "check_finite", "ground_truth_loss",
-           "loss_terms", "train_step"]
+           "loss_terms", "train_step", "without_teacher_terms"]
 
 MAX_CONSECUTIVE_SKIPS = 10
 
@@ -87,28 +87,41 @@ def loss_terms(run: Run, batch: Any, teacher: TeacherPass | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The forward under the run's autocast: the task's loss terms, and the distillation
     terms plus ``bn_l1`` (with ``sparsity``). ``teacher``: the teacher's pass over this
-    batch when it was computed once for several runs; else the run makes its own."""
+    batch when it was computed once for several runs; else the run makes its own. Once the
+    run stops distilling (:attr:`Run.distilling`), the teacher is not run, the distillation
+    terms are gone and the task's ``teacher_*`` weights are 0: the ground-truth terms keep
+    their weights."""
     config = run.config
+    distilling = run.distilling
+    loss_spec = config.loss if distilling else without_teacher_terms(config.loss)
     with run.autocast():
         inputs = run.task.model_inputs(batch)
         extra: dict[str, torch.Tensor] = {}
-        if run.distiller is not None:
+        teacher_prediction = None
+        if run.distiller is not None and distilling:
             if teacher is None:
                 teacher = run.distiller.teacher_pass(*inputs)
             out = run.distiller.student_losses(teacher, *inputs)
             prediction, teacher_prediction = out.student_output, out.teacher_output
             extra = {k: v for k, v in out.losses.items() if k != "total"}
         else:
-            prediction, teacher_prediction = run.student(*inputs), None
-            if teacher is not None:
+            prediction = run.student(*inputs)
+            if distilling and teacher is not None:
                 teacher_prediction = teacher.output
-            elif run.teacher is not None:  # a teacher for the task losses alone
+            elif distilling:  # a teacher for the task losses alone
                 with torch.no_grad():
                     teacher_prediction = run.teacher(*inputs)
-        task_terms = run.task.losses(prediction, batch, teacher_prediction, config.loss)
+        task_terms = run.task.losses(prediction, batch, teacher_prediction, loss_spec)
         if config.sparsity:
             extra["bn_l1"] = bn_l1_penalty(run.model, config.sparsity)
     return task_terms, extra
+
+
+def without_teacher_terms(loss_spec: dict[str, Any]) -> dict[str, Any]:
+    """``loss_spec`` with every ``teacher_*`` weight set to 0 (a task's losses against the
+    teacher's prediction, see :class:`kdkit.task.Task`)."""
+    return {name: 0.0 if name.startswith("teacher_") else weight
+            for name, weight in loss_spec.items()}
 
 
 def _checkpoint_note(run: Run) -> str:
