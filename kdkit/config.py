@@ -53,10 +53,15 @@ __all__ = [
     "run_config_from_mapping",
     "apply_overrides",
     "distill_steps",
+    "ground_truth_weights",
     "register_checks",
 ]
 
 T = TypeVar("T")
+
+#: Task loss weights named ``teacher_X`` weigh the term ``X`` against the teacher's
+#: prediction (:class:`kdkit.task.Task`).
+TEACHER_PREFIX = "teacher_"
 
 
 _FLOAT_TAG = "tag:yaml.org,2002:float"
@@ -312,8 +317,8 @@ class RunConfig:
     ``Σ λ·|γ|`` (DCP's sparsify step). ``model`` may name a pruned model:
     ``{pruned: PATH, reinit: false, <the unpruned model's spec>}``. ``distill_until`` (a
     fraction of ``train.steps``) stops using the teacher after that share of the steps: from
-    then on only the task's ground-truth terms train the student (see
-    :func:`distill_steps`)."""
+    then on only the task's ground-truth terms train the student, each ``teacher_X`` weight
+    moved onto ``X`` (see :func:`distill_steps`, :func:`ground_truth_weights`)."""
 
     task: str
     model: dict[str, Any]
@@ -363,6 +368,20 @@ register_checks(
 )
 
 
+def ground_truth_weights(loss: dict[str, Any]) -> dict[str, Any]:
+    """The ``loss:`` weights after a run stops distilling: each ``teacher_X`` weight (a task
+    term against the teacher's prediction, :class:`kdkit.task.Task`) moves onto ``X``, the
+    same term against the ground truth, and becomes 0 (``alpha: 0.5, teacher_alpha: 0.5``
+    → ``alpha: 1.0, teacher_alpha: 0``: the plain student's loss)."""
+    weights = dict(loss)
+    for name, weight in loss.items():
+        if name.startswith(TEACHER_PREFIX) and weight:
+            target = name[len(TEACHER_PREFIX):]
+            weights[target] = weights[target] + weight
+            weights[name] = 0.0
+    return weights
+
+
 def distill_steps(run: RunConfig) -> int:
     """How many of ``run``'s first steps use its teacher: ``⌈distill_until · train.steps⌉``
     (at least one), all of them without ``distill_until``; 0 without a teacher."""
@@ -408,7 +427,22 @@ def run_config_from_mapping(data: Any, where: str = "") -> RunConfig:
         raise ConfigError(f"{key}: this run has no teacher, so there is no distillation to "
                           f"stop; remove {key}, or add a teacher: section and the terms to "
                           "distil (distillation:, or a task loss such as teacher_alpha)")
+    if run.distill_until is not None:
+        _check_ground_truth_weights(run.loss, where)
     return run
+
+
+def _check_ground_truth_weights(loss: dict[str, Any], where: str) -> None:
+    """Each non-zero ``teacher_X`` weight needs ``X`` in ``loss:`` for
+    :func:`ground_truth_weights` to move it onto (the task's default for ``X`` is not
+    known here)."""
+    for name, weight in loss.items():
+        target = name[len(TEACHER_PREFIX):]
+        if name.startswith(TEACHER_PREFIX) and weight and target not in loss:
+            raise ConfigError(
+                f"{_key(where, 'loss')}: distill_until moves {name}'s weight onto {target} "
+                f"once the run stops distilling, but loss.{target} is not set; set "
+                f"loss.{target} (its weight against the ground truth) explicitly")
 
 
 def load_run_config(source: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -32,7 +32,9 @@ class Task(Protocol):
       weighted by ``loss.alpha``); the log's ``task_loss`` divides each weight back out,
       so it compares across methods;
     - a task loss weight named ``teacher_*`` is a term against the teacher's prediction:
-      runs that set one are given the teacher (``task_loss`` leaves it out);
+      runs that set one are given the teacher (``task_loss`` leaves it out); after a run's
+      ``distill_until``, ``teacher_X``'s weight is moved onto ``X`` in ``spec`` and
+      ``teacher_prediction`` is ``None``;
     - ``primary_metric`` is ``(metric name, "lower" | "higher")``: the comparison report
       ranks and tests methods on it (a compare config's ``report.primary`` overrides it);
     - optional ``metric_units`` (``{metric name: unit}``, e.g. ``{"SAD": "sum ÷ 1000"}``):

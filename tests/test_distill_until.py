@@ -1,7 +1,8 @@
 """``distill_until``: a run stops using its teacher after a share of its steps. Its config
 checks, the step where it stops, the update after it (the plain ground-truth step, checked
 against a hand-made SGD step), the teacher not run once every row of a lockstep group has
-stopped, and the matting task's teacher term gone with the ground-truth weight kept."""
+stopped, and the matting task's teacher_alpha weight moved onto alpha (the plain student's
+loss) with the logged task loss still comparable."""
 
 import copy
 import json
@@ -21,6 +22,7 @@ from kdkit.training import lockstep
 from kdkit.training.lockstep import train_lockstep
 from kdkit.training.run import build_run, build_teacher
 from kdkit.training.step import loss_terms, train_step
+from tasks.matting.losses import alpha_prediction_loss
 
 
 def _channel_row(tmp_path: Path, steps: int, until: float | None, **train) -> object:
@@ -110,7 +112,7 @@ def test_lockstep_runs_the_teacher_only_while_some_row_distils(tmp_path, monkeyp
     assert steps == [(1, True), (2, True), (3, True), (4, False), (5, False), (6, False)]
 
 
-def test_a_matting_row_drops_its_teacher_term_and_keeps_its_alpha_weight(tmp_path):
+def test_a_matting_row_moves_its_teacher_weight_onto_the_ground_truth_term(tmp_path):
     config = load_compare_config(TINY, [
         "only=[student,hinton]", "base.train.steps=2", "base.train.batch_size=2",
         "base.data.train_length=4", "base.data.size=48", "base.data.crop_sizes=[32]",
@@ -119,9 +121,24 @@ def test_a_matting_row_drops_its_teacher_term_and_keeps_its_alpha_weight(tmp_pat
     row.distill_until, row.out_dir = 0.5, str(tmp_path / "hinton")
     run = build_run(row, load_task("matting"), World())
     batches = run.data.batches(0)
-    before, _ = loss_terms(run, run.prepare(next(batches)))
-    assert set(before) == {"alpha", "teacher_alpha"}
-    run.step = 1
-    after, _ = loss_terms(run, run.prepare(next(batches)))
-    assert set(after) == {"alpha"} and row.loss["alpha"] == 0.5
-    assert run.config.loss["teacher_alpha"] == 0.5  # the config itself is unchanged
+    before = train_step(run, run.prepare(next(batches)))
+    assert set(before.task_terms) == {"alpha", "teacher_alpha"}
+    assert before.values()["task_loss"] == pytest.approx(before.values()["alpha"] / 0.5)
+    assert run.loss_weights == {"alpha": 1.0, "teacher_alpha": 0.0}  # the plain student's
+    batch = run.prepare(next(batches))
+    reference = copy.deepcopy(run.model)  # the same weights and BN state, before the step
+    after = train_step(run, batch)
+    assert set(after.task_terms) == {"alpha"}
+    expected = alpha_prediction_loss(reference(*run.task.model_inputs(batch)), batch["alpha"],
+                                     batch["trimap"])
+    torch.testing.assert_close(after.task_terms["alpha"].detach(), expected.detach())
+    assert after.values()["task_loss"] == pytest.approx(after.values()["alpha"])
+    assert row.loss == {"alpha": 0.5, "teacher_alpha": 0.5}  # the config is unchanged
+
+
+def test_a_teacher_weight_with_no_ground_truth_term_to_move_onto_is_refused(tmp_path):
+    data = {**toy_rows(tmp_path, 4)[1].to_dict(), "distill_until": 0.5,
+            "loss": {"teacher_alpha": 0.5}}
+    with pytest.raises(ConfigError, match="moves teacher_alpha's weight onto alpha .* set "
+                                          "loss.alpha"):
+        run_config_from_mapping(data)

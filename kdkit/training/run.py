@@ -22,7 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from kdkit.checkpoint import load_weights, resolve_path
-from kdkit.config import ConfigError, RunConfig, TrainSettings, distill_steps
+from kdkit.config import (
+    ConfigError,
+    RunConfig,
+    TrainSettings,
+    distill_steps,
+    ground_truth_weights,
+)
 from kdkit.data import resolve_num_workers
 from kdkit.distiller import Distiller
 from kdkit.distributed import World
@@ -145,6 +151,13 @@ class Run:
         """Whether the next step uses the teacher: the run has one and has taken fewer than
         :func:`~kdkit.config.distill_steps` steps."""
         return self.teacher is not None and self.step < distill_steps(self.config)
+
+    @property
+    def loss_weights(self) -> dict[str, Any]:
+        """The next step's task loss weights: ``loss:`` while distilling, then
+        :func:`~kdkit.config.ground_truth_weights` of it."""
+        loss = self.config.loss
+        return loss if self.distilling or self.teacher is None else ground_truth_weights(loss)
 
     @property
     def finished(self) -> bool:

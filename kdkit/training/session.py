@@ -68,7 +68,7 @@ class Session:
             skipped = [step for step, _ in self._check_finite()]
         record = None
         if due_log and run.step not in skipped:
-            record = {"kind": "train", "step": run.step, **result.values(run.config.loss),
+            record = {"kind": "train", "step": run.step, **result.values(),
                       "lr": run.schedule.get_last_lr()[0],
                       "ms_per_step": self.pace.lap(run.step)}
             self.log.write(record)

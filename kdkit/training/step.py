@@ -40,7 +40,7 @@ from kdkit.pruning import bn_l1_penalty
 from kdkit.training.run import Run
 
 __all__ = ["MAX_CONSECUTIVE_SKIPS", "StepResult", "check_finite", "ground_truth_loss",
-           "loss_terms", "train_step", "without_teacher_terms"]
+           "loss_terms", "train_step"]
 
 MAX_CONSECUTIVE_SKIPS = 10
 
@@ -51,23 +51,25 @@ class StepResult:
     :func:`ground_truth_loss` for the comparable ``task_loss``), ``extra_terms`` the
     distillation terms and ``bn_l1``. ``total`` is what was minimised; ``nonfinite``: a
     device flag (0-dim float), 1 when the total was not finite on some process and the
-    update was skipped (read by :func:`check_finite`)."""
+    update was skipped (read by :func:`check_finite`); ``loss_weights``: the task's loss
+    weights of the step (:attr:`Run.loss_weights`)."""
 
     task_terms: dict[str, torch.Tensor]
     extra_terms: dict[str, torch.Tensor]
     total: torch.Tensor
     nonfinite: torch.Tensor
+    loss_weights: dict[str, Any]
 
     @property
     def terms(self) -> dict[str, torch.Tensor]:
         """Every named term (a distillation term shadows a task term of the same name)."""
         return {**self.task_terms, **self.extra_terms}
 
-    def values(self, loss_spec: dict[str, Any]) -> dict[str, float]:
-        """``total``, ``task_loss`` (:func:`ground_truth_loss` under ``loss_spec``, the
-        run's ``loss:`` weights) and every term as plain floats (a host sync)."""
+    def values(self) -> dict[str, float]:
+        """``total``, ``task_loss`` (:func:`ground_truth_loss` under the step's loss
+        weights) and every term as plain floats (a host sync)."""
         return {"total": self.total.item(),
-                "task_loss": ground_truth_loss(self.task_terms, loss_spec).item(),
+                "task_loss": ground_truth_loss(self.task_terms, self.loss_weights).item(),
                 **{name: value.item() for name, value in self.terms.items()}}
 
 
@@ -85,15 +87,13 @@ def ground_truth_loss(task_terms: dict[str, torch.Tensor],
 
 def loss_terms(run: Run, batch: Any, teacher: TeacherPass | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The forward under the run's autocast: the task's loss terms, and the distillation
-    terms plus ``bn_l1`` (with ``sparsity``). ``teacher``: the teacher's pass over this
-    batch when it was computed once for several runs; else the run makes its own. Once the
-    run stops distilling (:attr:`Run.distilling`), the teacher is not run, the distillation
-    terms are gone and the task's ``teacher_*`` weights are 0: the ground-truth terms keep
-    their weights."""
+    """The forward under the run's autocast: the task's loss terms (under
+    :attr:`Run.loss_weights`), and the distillation terms plus ``bn_l1`` (with
+    ``sparsity``). ``teacher``: the teacher's pass over this batch when it was computed once
+    for several runs; else the run makes its own. Once the run stops distilling
+    (:attr:`Run.distilling`), the teacher is not run and the distillation terms are gone."""
     config = run.config
     distilling = run.distilling
-    loss_spec = config.loss if distilling else without_teacher_terms(config.loss)
     with run.autocast():
         inputs = run.task.model_inputs(batch)
         extra: dict[str, torch.Tensor] = {}
@@ -111,17 +111,10 @@ def loss_terms(run: Run, batch: Any, teacher: TeacherPass | None = None
             elif distilling:  # a teacher for the task losses alone
                 with torch.no_grad():
                     teacher_prediction = run.teacher(*inputs)
-        task_terms = run.task.losses(prediction, batch, teacher_prediction, loss_spec)
+        task_terms = run.task.losses(prediction, batch, teacher_prediction, run.loss_weights)
         if config.sparsity:
             extra["bn_l1"] = bn_l1_penalty(run.model, config.sparsity)
     return task_terms, extra
-
-
-def without_teacher_terms(loss_spec: dict[str, Any]) -> dict[str, Any]:
-    """``loss_spec`` with every ``teacher_*`` weight set to 0 (a task's losses against the
-    teacher's prediction, see :class:`kdkit.task.Task`)."""
-    return {name: 0.0 if name.startswith("teacher_") else weight
-            for name, weight in loss_spec.items()}
 
 
 def _checkpoint_note(run: Run) -> str:
@@ -213,9 +206,11 @@ def train_step(run: Run, batch: Any, teacher: TeacherPass | None = None) -> Step
     ``run.step``. A non-finite total (on any process) skips the update; the policy is
     applied when :func:`check_finite` reads the flag."""
     with run.random.active():
+        weights = run.loss_weights
         task_terms, extra_terms = loss_terms(run, batch, teacher)
         total = sum({**task_terms, **extra_terms}.values())
-        result = StepResult(task_terms, extra_terms, total, _nonfinite_flag(total, run))
+        result = StepResult(task_terms, extra_terms, total, _nonfinite_flag(total, run),
+                            weights)
         _update(run, total, result.nonfinite)
     run.step += 1
     run.unchecked.append((run.step, result.nonfinite,
