@@ -36,7 +36,7 @@ from kdkit.compare_plan import (
     training_groups,
     training_notes,
 )
-from kdkit.config import RunConfig, from_mapping, load_yaml, run_config_from_mapping
+from kdkit.config import TEACHER_PREFIX, RunConfig, from_mapping, load_yaml, run_config_from_mapping
 from kdkit.distributed import World, end_world, setup_world
 from kdkit.errors import ConfigError, PlanError
 from kdkit.evaluation_cache import (
@@ -177,7 +177,7 @@ def needs_teacher(data: dict) -> bool:
     matting task's ``teacher_alpha``; see :class:`kdkit.task.Task`)."""
     loss = data.get("loss") or {}
     return bool(data.get("distillation")) or any(
-        key.startswith("teacher_") and value for key, value in loss.items())
+        key.startswith(TEACHER_PREFIX) and value for key, value in loss.items())
 
 
 def _with_teacher(config: CompareConfig, data: dict) -> dict:

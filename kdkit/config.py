@@ -52,6 +52,7 @@ __all__ = [
     "load_run_config",
     "run_config_from_mapping",
     "apply_overrides",
+    "TEACHER_PREFIX",
     "distill_steps",
     "ground_truth_weights",
     "register_checks",
@@ -366,6 +367,8 @@ register_checks(
     distill_until=Range(0, 1, open_low=True,
                         note="the share of train.steps that use the teacher; 1: all of them"),
 )
+register_checks(DistillTerm, weight=Range(
+    0, note="a negative weight rewards moving away from the teacher; 0 switches a term off"))
 
 
 def ground_truth_weights(loss: dict[str, Any]) -> dict[str, Any]:
@@ -390,8 +393,6 @@ def distill_steps(run: RunConfig) -> int:
     if run.distill_until is None:
         return run.train.steps
     return max(1, math.ceil(run.distill_until * run.train.steps))
-register_checks(DistillTerm, weight=Range(
-    0, note="a negative weight rewards moving away from the teacher; 0 switches a term off"))
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -422,12 +423,13 @@ def run_config_from_mapping(data: Any, where: str = "") -> RunConfig:
     run = from_mapping(RunConfig, data, where)
     run.train = train
     run.distillation = load_terms(terms, _key(where, "distillation")) if terms else None
-    if run.distill_until is not None and run.teacher is None:
-        key = _key(where, "distill_until")
-        raise ConfigError(f"{key}: this run has no teacher, so there is no distillation to "
-                          f"stop; remove {key}, or add a teacher: section and the terms to "
-                          "distil (distillation:, or a task loss such as teacher_alpha)")
     if run.distill_until is not None:
+        if run.teacher is None:
+            key = _key(where, "distill_until")
+            raise ConfigError(f"{key}: this run has no teacher, so there is no distillation "
+                              f"to stop; remove {key}, or add a teacher: section and the "
+                              "terms to distil (distillation:, or a task loss such as "
+                              "teacher_alpha)")
         _check_ground_truth_weights(run.loss, where)
     return run
 

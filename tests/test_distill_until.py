@@ -11,16 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_lockstep import TINY, toy_rows
+from test_lockstep import TINY, count_teacher_forwards, toy_rows
 from toy_task import ToyTask
 
 from kdkit.compare import load_compare_config, method_runs
 from kdkit.config import ConfigError, distill_steps, run_config_from_mapping
 from kdkit.distributed import World
 from kdkit.task import load_task
-from kdkit.training import lockstep
 from kdkit.training.lockstep import train_lockstep
-from kdkit.training.run import build_run, build_teacher
+from kdkit.training.run import build_run
 from kdkit.training.step import loss_terms, train_step
 from tasks.matting.losses import alpha_prediction_loss
 
@@ -92,14 +91,7 @@ def test_after_the_stop_a_step_is_the_plain_ground_truth_sgd_step(tmp_path):
 
 
 def test_lockstep_runs_the_teacher_only_while_some_row_distils(tmp_path, monkeypatch):
-    calls = []
-
-    def counted_teacher(config, task, device):
-        teacher = build_teacher(config, task, device)
-        teacher.register_forward_hook(lambda *args: calls.append(1))
-        return teacher
-
-    monkeypatch.setattr(lockstep, "build_teacher", counted_teacher)
+    calls = count_teacher_forwards(monkeypatch)
     student, _ = toy_rows(tmp_path, 6)
     half = _channel_row(tmp_path, 6, 0.5)
     third = copy.deepcopy(half)

@@ -117,7 +117,8 @@ def test_the_group_size_comes_from_the_measured_step(capacity, shared, per_row, 
     assert group_size(capacity, shared, per_row, rows) == expected
 
 
-def test_the_teacher_runs_once_per_batch_for_every_row(tmp_path, monkeypatch):
+def count_teacher_forwards(monkeypatch) -> list:
+    """A list that grows by one with each forward of the teacher lockstep builds."""
     from kdkit.training import lockstep
 
     calls = []
@@ -128,6 +129,11 @@ def test_the_teacher_runs_once_per_batch_for_every_row(tmp_path, monkeypatch):
         return teacher
 
     monkeypatch.setattr(lockstep, "build_teacher", counted_teacher)
+    return calls
+
+
+def test_the_teacher_runs_once_per_batch_for_every_row(tmp_path, monkeypatch):
+    calls = count_teacher_forwards(monkeypatch)
     student, channel = toy_rows(tmp_path, 3)
     spatial = dataclasses.replace(channel, out_dir=str(tmp_path / "spatial"), distillation=[
         dataclasses.replace(channel.distillation[0], loss="spatial_similarity", adapter=None)])

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kdkit.config import TEACHER_PREFIX
 from kdkit.distiller import TeacherPass
 from kdkit.distributed import average_gradients
 from kdkit.errors import NonFiniteLossError
@@ -81,7 +82,7 @@ def ground_truth_loss(task_terms: dict[str, torch.Tensor],
     beside ``teacher_alpha: 0.5``) then leave it unchanged, so its curve compares across
     methods. Scalar tensors → scalar tensor."""
     parts = [value / float(loss_spec.get(name, 1.0)) for name, value in task_terms.items()
-             if not name.startswith("teacher_")]
+             if not name.startswith(TEACHER_PREFIX)]
     return sum(parts, torch.zeros(()))
 
 
