@@ -22,12 +22,14 @@ import json
 import os
 import shlex
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from kdkit.config import RunConfig
 from kdkit.dcp import prune_run
 from kdkit.distributed import World, end_world, setup_world
 from kdkit.errors import Interrupted, PlanError
+from kdkit.provenance import kdkit_commit
 from kdkit.task import Task
 from kdkit.train import train
 from kdkit.training.claim import claim
@@ -179,10 +181,11 @@ def _numbered(entries: list[Entry]) -> list[Entry]:
 
 
 def _write_how(run: RunConfig, how: str) -> None:
-    """Record in ``run``'s folder how it was trained (atomically: written, then renamed)."""
+    """Record in ``run``'s folder how it was trained and by which kdkit commit (atomically:
+    written, then renamed)."""
     path = Path(run.out_dir) / HOW
     temporary = path.with_name(f".{HOW}.{os.getpid()}")
-    temporary.write_text(json.dumps({"how": how}))
+    temporary.write_text(json.dumps({"how": how, "kdkit": kdkit_commit()}))
     os.replace(temporary, path)
 
 
@@ -218,8 +221,10 @@ def _train_unit(entry: Entry, todo: list[RunConfig], task: Task, lockstep: bool,
             print(f"training in lockstep (seed {entry.seed}): {names}")
         train_lockstep(chunk, task, progress=progress)
         split = f", chunk {part} of {len(chunks)}" if len(chunks) > 1 else ""
-        for run in chunk:
-            _write_how(run, f"in lockstep (seed {entry.seed}, group {entry.group}{split}: one "
+        finished = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        for run in chunk:  # the time tells a group from one of rows added to it later
+            _write_how(run, f"in lockstep (seed {entry.seed}, group {entry.group}{split}, "
+                            f"finished {finished}: one "
                             "data stream, one teacher forward per batch; its train ms/step is "
                             "the whole group's)")
 
@@ -322,12 +327,16 @@ def plan_document(entries: list[Entry], argv: list[str], out_dir: str) -> dict:
 
 
 def training_notes(runs: list[tuple]) -> list[str]:
-    """The report's line on how the rows were trained (from each run folder's :data:`HOW`)."""
+    """The report's line on how, and with which kdkit commit, the rows were trained (from
+    each run folder's :data:`HOW`)."""
     rows: dict[str, list[str]] = {}
     for label, seed, run in runs:
         record = Path(run.out_dir) / HOW
-        how = json.loads(record.read_text())["how"] if record.exists() else \
-            "not recorded (trained before kdkit kept this record)"
+        if record.exists():
+            found = json.loads(record.read_text())
+            how = f"{found['how']}, kdkit {found.get('kdkit', 'commit not recorded')}"
+        else:
+            how = "not recorded (trained before kdkit kept this record)"
         rows.setdefault(how, []).append(f"{label} (seed {seed})")
     return ["How the rows were trained: " + "; ".join(f"{how}: {', '.join(names)}"
                                                     for how, names in rows.items()) + "."]

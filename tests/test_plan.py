@@ -7,9 +7,11 @@ dependencies, out of range, or with a budget."""
 import csv
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from toy_task import ToyTask
 
 from kdkit.cli import main
 from kdkit.compare import comparison_entries, load_compare_config
+from kdkit.provenance import kdkit_commit
 from kdkit.task import load_task
 
 #: The plan's commands start with ``kdkit``: the console script of this interpreter's venv.
@@ -121,7 +124,9 @@ def test_plan_entries_run_from_two_processes_give_the_sequential_report(tmp_path
     assert report.returncode == 0, report.stderr
     assert {log: log.read_text() for log in logs} == logs  # nothing retrained
     assert _results(cmp) == _results(sequential / "cmp")
-    assert _training_line(cmp) == _training_line(sequential / "cmp")
+    finished = re.compile(r", finished [0-9: -]+ UTC")  # the two ran at different times
+    assert finished.sub("", _training_line(cmp)) == \
+        finished.sub("", _training_line(sequential / "cmp"))
     assert "in lockstep (seed 1, group 1" in _training_line(cmp)
 
 
@@ -149,7 +154,8 @@ def test_prune_entries_and_pruned_rows_run_as_entries_and_the_report_retrains_no
     with open(cmp / "report" / "results.csv") as handle:
         assert [r["method"] for r in csv.DictReader(handle)] == [
             "teacher", "student", "dcp", "dcp-inherit"]
-    assert "alone (a pruned model): dcp (seed 0), dcp-inherit (seed 0)" in _training_line(cmp)
+    assert (f"alone (a pruned model), kdkit {kdkit_commit()}: dcp (seed 0), "
+            "dcp-inherit (seed 0)") in _training_line(cmp)
 
 
 def test_a_row_added_to_a_finished_comparison_says_why_it_trained_alone(tmp_path):
@@ -163,8 +169,36 @@ def test_a_row_added_to_a_finished_comparison_says_why_it_trained_alone(tmp_path
     assert main(["compare", path, "--quiet"]) == 0
     line = _training_line(tmp_path / "cmp")
     assert "in lockstep (seed 0, group 1" in line and "student (seed 0), spatial (seed 0)" in line
-    assert ("alone (the other rows of its lockstep group had finished before it): "
-            "spatial-x2 (seed 0)") in line
+    assert ("alone (the other rows of its lockstep group had finished before it), "
+            f"kdkit {kdkit_commit()}: spatial-x2 (seed 0)") in line
+
+
+def test_rows_added_later_in_lockstep_are_told_apart_from_the_first_group(tmp_path,
+                                                                          monkeypatch):
+    """Two rows added to a finished comparison train in lockstep with each other, not with
+    the first group: the report names two groups (by when each finished) and the commit."""
+    times = iter(["2026-12-01 10:00:00", "2026-12-01 11:00:00"])
+
+    class Clock:
+        @staticmethod
+        def now(zone):
+            return datetime.fromisoformat(next(times)).replace(tzinfo=zone)
+
+    monkeypatch.setattr("kdkit.compare_plan.datetime", Clock)
+    rows = {"student": {}, "spatial": {"distillation": SPATIAL}}
+    path = str(toy_compare(tmp_path, rows, seeds=[0]))
+    assert main(["compare", path, "--quiet"]) == 0
+    heavier = {f"spatial-x{k}": {"distillation": [{**SPATIAL[0], "weight": float(k)}]}
+               for k in (2, 3)}
+    toy_compare(tmp_path, {**rows, **heavier}, seeds=[0])
+    assert main(["compare", path, "--quiet"]) == 0
+    line = _training_line(tmp_path / "cmp")
+    commit = kdkit_commit()
+    for finished, names in (("10:00", "student (seed 0), spatial (seed 0)"),
+                            ("11:00", "spatial-x2 (seed 0), spatial-x3 (seed 0)")):
+        assert (f"in lockstep (seed 0, group 1, finished 2026-12-01 {finished}:00 UTC: one "
+                f"data stream, one teacher forward per batch; its train ms/step is the whole "
+                f"group's), kdkit {commit}: {names}") in line
 
 
 def test_an_entry_refuses_to_run_before_its_dependencies_or_out_of_range(tmp_path, capsys):
