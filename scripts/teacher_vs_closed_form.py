@@ -7,7 +7,9 @@ colour), on the test split and, for contrast, on the training split.
 Samples ``0 .. n-1`` of each split at ``--size`` (the cpu preset's test images are the test
 split's first 100 at 96²), with their evaluation trimaps; the teacher's known regions are
 taken from the trimap as in evaluation. Prints one line per group: composites, mean SAD
-(sum ÷ 1000) of the teacher and of closed form, and their ratio. docs/matting.md quotes it.
+(sum ÷ 1000) of the teacher and of closed form, and their ratio; then, per split, the mean
+true alpha in the unknown band (the prior a network learns from these data). docs/matting.md
+quotes it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from kdkit.task import load_task
 from kdkit.train import build_model
 from tasks.matting.classical import classical_methods
 from tasks.matting.data.synthetic import PROCEDURAL, synthesize
+from tasks.matting.data.trimaps import DEFAULT_UNKNOWN
 from tasks.matting.models import network_input
 from tasks.matting.task import with_known_regions
 
@@ -54,9 +57,11 @@ def main() -> None:
     model = load_weights(build_model(load_task(run.task), run.model), WEIGHTS).eval()
     closed_form = classical_methods()["closed_form"]
     sums = defaultdict(lambda: np.zeros(3))  # (split, group) → [count, teacher, closed form]
+    band_means = defaultdict(list)  # split → each composite's mean true alpha in its band
     for split in ("test", "train"):
         for index in range(args.n):
             sample = synthesize(split_seed(split, index), args.size)
+            band_means[split].append(sample["alpha"][sample["trimap"] == DEFAULT_UNKNOWN].mean())
             teacher, classical = sad_pair(model, closed_form, sample)
             body = "body: texture" if sample["fg_source"] == PROCEDURAL else "body: photo"
             for group in ("all", body, f"background: {sample['bg_source']}"):
@@ -65,6 +70,9 @@ def main() -> None:
     for (split, group), (count, teacher, classical) in sums.items():
         print(f"{split:5s}  {group:34s} {int(count):4d}  teacher {teacher / count:.3f}  "
               f"closed form {classical / count:.3f}  ratio {teacher / classical:.2f}")
+    for split, means in band_means.items():
+        print(f"{split:5s}  true alpha in the unknown band: mean {np.mean(means):.2f}, "
+              f"99th percentile of the composites' means {np.percentile(means, 99):.2f}")
 
 
 if __name__ == "__main__":
