@@ -73,13 +73,19 @@ def figure_bars(path: Path, report: CompareReport) -> None:
     _save(fig, path)
 
 
+def line_style(index: int) -> dict:
+    """The ``index``-th curve's colour and dash: matplotlib's ten colours, then the same
+    ten dashed, then dotted, so up to 30 curves are told apart in the legend."""
+    return {"color": f"C{index % 10}", "linestyle": ("-", "--", ":")[index // 10 % 3]}
+
+
 def figure_curves(path: Path, results: list[ModelResult]) -> None:
     """curves.png: the task loss of each method beside the run's own total."""
     curves = training_curves(results)
     fig, axes = plt.subplots(1, len(CURVES), figsize=(14, 5))
     for ax, (key, label) in zip(axes, CURVES.items()):
-        for name, points in curves[key].items():
-            ax.plot(*zip(*points), label=name, linewidth=1.2)
+        for index, (name, points) in enumerate(curves[key].items()):
+            ax.plot(*zip(*points), label=name, linewidth=1.2, **line_style(index))
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         if curves[key]:

@@ -25,6 +25,7 @@ from kdkit.report import (
     training_curves,
     write_compare_report,
 )
+from kdkit.report_figures import line_style
 
 
 class UnitTask(ToyTask):
@@ -148,6 +149,13 @@ def test_without_a_primary_metric_the_first_metric_is_ranked(tmp_path):
 def test_unknown_report_columns_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="'SAD'"):
         _report(tmp_path, columns=["mse", "SAD"])
+
+
+def test_curve_styles_stay_distinct_past_the_ten_colours():
+    """The cpu report plots 13 runs: the 11th must not look like the 1st."""
+    styles = [tuple(line_style(i).values()) for i in range(30)]
+    assert len(set(styles)) == 30
+    assert line_style(10) == {"color": "C0", "linestyle": "--"}
 
 
 def test_task_loss_curves_skip_runs_whose_log_lacks_it(tmp_path):
