@@ -180,12 +180,12 @@ def _numbered(entries: list[Entry]) -> list[Entry]:
     return entries
 
 
-def _write_how(run: RunConfig, how: str) -> None:
-    """Record in ``run``'s folder how it was trained and by which kdkit commit (atomically:
-    written, then renamed)."""
+def _write_how(run: RunConfig, how: str, commit: str) -> None:
+    """Record in ``run``'s folder how it was trained and by which kdkit ``commit``
+    (atomically: written, then renamed)."""
     path = Path(run.out_dir) / HOW
     temporary = path.with_name(f".{HOW}.{os.getpid()}")
-    temporary.write_text(json.dumps({"how": how, "kdkit": kdkit_commit()}))
+    temporary.write_text(json.dumps({"how": how, "kdkit": commit}))
     os.replace(temporary, path)
 
 
@@ -206,6 +206,7 @@ def _train_unit(entry: Entry, todo: list[RunConfig], task: Task, lockstep: bool,
     """Train ``todo`` (the unfinished rows of a ``train`` entry) in chunks that fit the
     device, recording how each trained."""
     labels = {run.out_dir: label for label, run in zip(entry.rows, entry.runs)}
+    commit = kdkit_commit()  # before training: the checkout may move on during a long run
     chunks = training_chunks(todo, task)
     for part, chunk in enumerate(chunks, 1):
         _stop_between_runs()
@@ -215,7 +216,7 @@ def _train_unit(entry: Entry, todo: list[RunConfig], task: Task, lockstep: bool,
                 print(f"training {names} (seed {entry.seed}) → {chunk[0].out_dir}")
             train(chunk[0], task, progress=progress)
             _write_how(chunk[0], _how_alone(chunk[0], lockstep,
-                                            len(todo) == 1 < len(entry.runs)))
+                                            len(todo) == 1 < len(entry.runs)), commit)
             continue
         if progress:
             print(f"training in lockstep (seed {entry.seed}): {names}")
@@ -226,7 +227,7 @@ def _train_unit(entry: Entry, todo: list[RunConfig], task: Task, lockstep: bool,
             _write_how(run, f"in lockstep (seed {entry.seed}, group {entry.group}{split}, "
                             f"finished {finished}: one "
                             "data stream, one teacher forward per batch; its train ms/step is "
-                            "the whole group's)")
+                            "the whole group's)", commit)
 
 
 def run_entry(entry: Entry, task: Task, lockstep: bool, progress: bool) -> None:

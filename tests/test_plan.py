@@ -176,7 +176,8 @@ def test_a_row_added_to_a_finished_comparison_says_why_it_trained_alone(tmp_path
 def test_rows_added_later_in_lockstep_are_told_apart_from_the_first_group(tmp_path,
                                                                           monkeypatch):
     """Two rows added to a finished comparison train in lockstep with each other, not with
-    the first group: the report names two groups (by when each finished) and the commit."""
+    the first group: the report names two groups (by when each finished) and the commit
+    each trained with."""
     times = iter(["2026-12-01 10:00:00", "2026-12-01 11:00:00"])
 
     class Clock:
@@ -185,6 +186,8 @@ def test_rows_added_later_in_lockstep_are_told_apart_from_the_first_group(tmp_pa
             return datetime.fromisoformat(next(times)).replace(tzinfo=zone)
 
     monkeypatch.setattr("kdkit.compare_plan.datetime", Clock)
+    commits = iter(["first", "second"])  # one look per training entry, before it trains
+    monkeypatch.setattr("kdkit.compare_plan.kdkit_commit", lambda: next(commits))
     rows = {"student": {}, "spatial": {"distillation": SPATIAL}}
     path = str(toy_compare(tmp_path, rows, seeds=[0]))
     assert main(["compare", path, "--quiet"]) == 0
@@ -193,9 +196,9 @@ def test_rows_added_later_in_lockstep_are_told_apart_from_the_first_group(tmp_pa
     toy_compare(tmp_path, {**rows, **heavier}, seeds=[0])
     assert main(["compare", path, "--quiet"]) == 0
     line = _training_line(tmp_path / "cmp")
-    commit = kdkit_commit()
-    for finished, names in (("10:00", "student (seed 0), spatial (seed 0)"),
-                            ("11:00", "spatial-x2 (seed 0), spatial-x3 (seed 0)")):
+    for finished, commit, names in (
+            ("10:00", "first", "student (seed 0), spatial (seed 0)"),
+            ("11:00", "second", "spatial-x2 (seed 0), spatial-x3 (seed 0)")):
         assert (f"in lockstep (seed 0, group 1, finished 2026-12-01 {finished}:00 UTC: one "
                 f"data stream, one teacher forward per batch; its train ms/step is the whole "
                 f"group's), kdkit {commit}: {names}") in line
